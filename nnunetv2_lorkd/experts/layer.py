@@ -1,0 +1,303 @@
+"""Convolutions with T low-rank region experts on top of a shared weight.
+
+For a sample of region t the effective weight is ``W0 + s_t * reshape(B_t @ A_t)``. The factor shapes follow
+LoRKD's kernel-aware factorisation, generalised to any kernel: for a weight of shape (d0, d1, k0, k1, ...),
+``A_t`` is (r_t*k0, d1*k1*...) and ``B_t`` is (d0*k0, r_t*k0), so the product has exactly the weight's numel
+and anisotropic kernels such as nnU-Net's (1, 3, 3) work.
+
+Each class subclasses the torch layer it replaces and keeps that layer's ``weight``/``bias`` as the shared
+backbone, so a fused network has the original classes and state_dict keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import RoutingError, RoutingPlan
+
+_CONV_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
+
+
+class ExpertLayer:
+    """Expert state and the efficient-knowledge-separation forward shared by all expert layer classes.
+
+    One forward serves a batch that mixes regions: the batch is split into per-region groups (gathered
+    only when the samples of a region are not contiguous), each group runs one convolution with its own
+    merged weight ``W0 + s_t * dW_t``, and only the regions present are computed. Autograd then gives
+    expert t the gradient of region t's samples alone and W0 the gradient of all of them.
+    """
+
+    base_class: type[nn.Module]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    lora_A: nn.ParameterList
+    lora_B: nn.ParameterList
+
+    def _init_experts(
+        self,
+        base: nn.Module,
+        ranks: tuple[int, ...],
+        scalings: tuple[float, ...],
+        region_names: tuple[str, ...] | None,
+        name: str,
+        role: str,
+    ) -> None:
+        nn.Module.__init__(self)  # type: ignore[arg-type]
+        for attr in _CONV_ATTRS:
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        self.training = base.training
+        # share, not copy, the base parameters: optimisers holding them keep working
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        if len(ranks) != len(scalings) or not ranks:
+            raise ValueError("one rank and one scaling per expert are required")
+        self.scaling = tuple(float(s) for s in scalings)
+        self.region_names = region_names
+        self.lorkd_name = name
+        self.lorkd_role = role
+        self.routing_plan: RoutingPlan | None = None
+        self.merged_region: int | None = None
+        self.register_buffer("merged_weight", None, persistent=False)
+        rows, cols = self._matrix_shape()
+        k0 = self.weight.shape[2]
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(r * k0, cols, **kw)) for r in ranks)
+        self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(rows, r * k0, **kw)) for r in ranks)
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    # ---------------------------------------------------------------------------------------------- shapes
+    def _matrix_shape(self) -> tuple[int, int]:
+        shape = self.weight.shape
+        return shape[0] * shape[2], shape[1] * math.prod(shape[3:])
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.lora_A)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        k0 = self.weight.shape[2]
+        return tuple(a.shape[0] // k0 for a in self.lora_A)
+
+    def expert_parameter_count(self, region: int) -> int:
+        """r*k0*(k1*...*d1 + k0*d0): the parameters of one expert of this layer."""
+        return self.lora_A[region].numel() + self.lora_B[region].numel()
+
+    # ------------------------------------------------------------------------------------------ the weights
+    def get_delta_weight(self, region: int) -> torch.Tensor:
+        """s_t * reshape(B_t @ A_t), the expert's change to the shared weight."""
+        delta = self.lora_B[region] @ self.lora_A[region]
+        return (delta * self.scaling[region]).view(self.weight.shape)
+
+    def expert_weight(self, region: int) -> torch.Tensor:
+        """W0 + s_t * dW_t in one fused kernel (addmm); differentiable w.r.t. W0, A_t and B_t."""
+        rows, cols = self._matrix_shape()
+        merged = torch.addmm(
+            self.weight.reshape(rows, cols), self.lora_B[region], self.lora_A[region], alpha=self.scaling[region]
+        )
+        return merged.view(self.weight.shape)
+
+    @torch.no_grad()
+    def fused_weight(self, region: int) -> torch.Tensor:
+        """W0 + s_t * dW_t computed in float64 from W0 (never by adding and subtracting deltas)."""
+        w0 = self.weight.double()
+        delta = (self.lora_B[region].double() @ self.lora_A[region].double()) * self.scaling[region]
+        return (w0 + delta.view(w0.shape)).to(self.weight.dtype)
+
+    def merge(self, region: int) -> None:
+        """Precompute W0 + dW_region for inference; switching regions recomputes from W0 (no drift)."""
+        self._check_region(region)
+        self.merged_weight = self.fused_weight(region)
+        self.merged_region = region
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+        self.merged_region = None
+
+    def _check_region(self, region: int) -> None:
+        if not 0 <= region < self.num_experts:
+            names = f" ({', '.join(self.region_names)})" if self.region_names else ""
+            raise RoutingError(f"region {region} out of range: valid ids are 0..{self.num_experts - 1}{names}")
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _keep_absent_experts_in_graph(self, present: tuple[int, ...]) -> torch.Tensor | None:
+        """A zero that depends on every absent expert, so each parameter is used in every training step.
+
+        DDP (without find_unused_parameters) requires that every parameter receives a gradient; this gives
+        absent experts an exact zero gradient for the price of one tiny reduction.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        absent = [
+            p
+            for t in range(self.num_experts)
+            if t not in present
+            for p in (self.lora_A[t], self.lora_B[t])
+            if p.requires_grad
+        ]
+        if not absent:
+            return None
+        return torch.cat([p.reshape(-1) for p in absent]).sum() * 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.routing_plan
+        if self.merged_region is not None:
+            return self._forward_merged(x, plan)
+        if plan is None:
+            raise RoutingError(
+                f"expert layer '{self.lorkd_name}' was called without routing. Wrap the forward in "
+                "`with route(net, region_ids):` (one id per sample, or one int for all), or in "
+                "`with backbone_only(net):` to run the shared backbone alone on purpose."
+            )
+        if plan.backbone_only:
+            zero = self._keep_absent_experts_in_graph(())
+            return self._run_conv(x, self.weight if zero is None else self.weight + zero)
+        regions, sizes = plan.groups_for_batch(x.shape[0], self.lorkd_name)
+        zero = self._keep_absent_experts_in_graph(regions)
+        if len(regions) == 1:
+            weight = self.expert_weight(regions[0])
+            return self._run_conv(x, weight if zero is None else weight + zero)
+        inv_perm = None
+        if plan.perm is not None:
+            perm, inv_perm = plan.permutations_on(x.device)
+            x = x.index_select(0, perm)
+        outputs = []
+        for i, (chunk, region) in enumerate(zip(torch.split(x, sizes), regions, strict=True)):
+            weight = self.expert_weight(region)
+            if i == 0 and zero is not None:
+                weight = weight + zero
+            outputs.append(self._run_conv(chunk, weight))
+        y = torch.cat(outputs)
+        return y if inv_perm is None else y.index_select(0, inv_perm)
+
+    def _forward_merged(self, x: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
+        if self.training:
+            raise RoutingError(
+                f"expert layer '{self.lorkd_name}' is merged (region {self.merged_region}); merged weights are "
+                "for inference, call unmerge_experts(net) before training"
+            )
+        if plan is not None:
+            wanted = set(plan.region_ids) if plan.region_ids is not None else {plan.broadcast}
+            if plan.backbone_only or wanted != {self.merged_region}:
+                raise RoutingError(
+                    f"expert layer '{self.lorkd_name}' is merged for region {self.merged_region} but the routing "
+                    f"asks for {'the backbone alone' if plan.backbone_only else sorted(wanted)}; unmerge first"
+                )
+        assert self.merged_weight is not None
+        return self._run_conv(x, self.merged_weight)
+
+    # ------------------------------------------------------------------------------------------------ export
+    def to_plain(self, region: int) -> nn.Module:
+        """A layer of the original class with W = W0 + s*dW_region and the shared bias."""
+        self._check_region(region)
+        plain = self.base_class(**self._plain_kwargs(), device="meta")
+        plain.weight = nn.Parameter(self.fused_weight(region), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            plain.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        plain.train(self.training)
+        return plain
+
+    def _plain_kwargs(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "padding_mode": self.padding_mode,
+        }
+
+    def _expert_repr(self) -> str:
+        return f"experts={self.num_experts}, ranks={self.ranks}, scaling={self.scaling}"
+
+
+class _ExpertConvNd(ExpertLayer):
+    def __init__(
+        self,
+        base: nn.Module,
+        ranks: tuple[int, ...],
+        scalings: tuple[float, ...],
+        region_names: tuple[str, ...] | None = None,
+        name: str = "",
+        role: str = "encoder",
+    ) -> None:
+        if type(base) is not self.base_class:
+            raise TypeError(f"{type(self).__name__} wraps {self.base_class.__name__}, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(f"grouped/depthwise convolutions (groups={base.groups}) get no experts")
+        self._init_experts(base, ranks, scalings, region_names, name, role)
+
+    def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)  # type: ignore[attr-defined]
+
+    def extra_repr(self) -> str:
+        return self.base_class.extra_repr(self) + ", " + self._expert_repr()  # type: ignore[arg-type]
+
+
+class ExpertConv2d(_ExpertConvNd, nn.Conv2d):
+    """nn.Conv2d with region experts (2D nnU-Net, 2D classification backbones)."""
+
+    base_class = nn.Conv2d
+
+
+class ExpertConv3d(_ExpertConvNd, nn.Conv3d):
+    """nn.Conv3d with region experts (3D nnU-Net)."""
+
+    base_class = nn.Conv3d
+
+
+class _ExpertConvTransposeNd(_ExpertConvNd):
+    _functional = staticmethod(F.conv_transpose2d)
+
+    def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._functional(
+            x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+
+    def _plain_kwargs(self) -> dict:
+        return {**super()._plain_kwargs(), "output_padding": self.output_padding}
+
+
+class ExpertConvTranspose2d(_ExpertConvTransposeNd, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with region experts (only when add_experts(include_transposed=True))."""
+
+    base_class = nn.ConvTranspose2d
+
+
+class ExpertConvTranspose3d(_ExpertConvTransposeNd, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d with region experts (only when add_experts(include_transposed=True))."""
+
+    base_class = nn.ConvTranspose3d
+    _functional = staticmethod(F.conv_transpose3d)
+
+
+EXPERT_CLASS_FOR = {
+    nn.Conv2d: ExpertConv2d,
+    nn.Conv3d: ExpertConv3d,
+    nn.ConvTranspose2d: ExpertConvTranspose2d,
+    nn.ConvTranspose3d: ExpertConvTranspose3d,
+}
