@@ -1,0 +1,208 @@
+"""Numerical contract of a single expert layer: per-sample equivalence, gradient isolation, merge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_lorkd.experts import (
+    ExpertConv2d,
+    ExpertConv3d,
+    ExpertConvTranspose3d,
+    RoutingError,
+    backbone_only,
+    route,
+)
+
+CASES = [
+    # (conv class, in, out, kernel, stride, padding, dilation, bias, spatial)
+    (nn.Conv2d, 3, 5, (3, 3), 1, 1, 1, True, (9, 11)),
+    (nn.Conv2d, 4, 6, (3, 3), 2, 1, 1, False, (10, 9)),
+    (nn.Conv2d, 3, 4, (1, 1), 1, 0, 1, True, (7, 7)),
+    (nn.Conv2d, 3, 4, (3, 5), 1, (1, 2), 2, True, (12, 13)),
+    (nn.Conv3d, 2, 3, (3, 3, 3), 1, 1, 1, True, (6, 7, 8)),
+    (nn.Conv3d, 3, 4, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, False, (5, 8, 9)),
+    (nn.Conv3d, 2, 5, (3, 3, 3), 2, 1, 1, False, (7, 8, 6)),
+    (nn.Conv3d, 2, 2, (3, 1, 3), 1, (1, 0, 1), 1, True, (6, 5, 7)),
+]
+EXPERT_CLASS = {nn.Conv2d: ExpertConv2d, nn.Conv3d: ExpertConv3d}
+
+
+def _layer(case, ranks=(2, 3, 1), dtype=torch.float64, seed=0):
+    cls, cin, cout, k, stride, pad, dil, bias, _ = case
+    torch.manual_seed(seed)
+    base = cls(cin, cout, k, stride=stride, padding=pad, dilation=dil, bias=bias).to(dtype)
+    layer = EXPERT_CLASS[cls](base, ranks, tuple(4.0 / r for r in ranks), name="test")
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    return base, layer
+
+
+def _reference(layer, x, ids):
+    """One plain conv per sample with its own W0 + s*reshape(B@A), computed from the definition."""
+    outs = []
+    for b, t in enumerate(ids):
+        delta = (layer.lora_B[t] @ layer.lora_A[t]).reshape(layer.weight.shape) * layer.scaling[t]
+        outs.append(
+            F.conv2d(x[b : b + 1], layer.weight + delta, layer.bias, layer.stride, layer.padding, layer.dilation)
+            if x.dim() == 4
+            else F.conv3d(x[b : b + 1], layer.weight + delta, layer.bias, layer.stride, layer.padding, layer.dilation)
+        )
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}-k{c[3]}-s{c[4]}-bias{c[7]}")
+@pytest.mark.parametrize("ids", [[2, 0, 2, 1, 0], [1, 1, 0, 0, 2], [2, 2, 2, 2, 2]], ids=["mixed", "grouped", "one"])
+def test_per_sample_equivalence_fp64(case, ids):
+    _, layer = _layer(case)
+    x = torch.randn(len(ids), case[1], *case[8], dtype=torch.float64)
+    with route(layer, ids):
+        y = layer(x)
+    assert (y - _reference(layer, x, ids)).abs().max().item() <= 1e-10
+
+
+def test_factor_shapes_follow_kernel_aware_factorisation():
+    _, layer = _layer(CASES[5], ranks=(2, 3, 1))  # Conv3d 3->4, kernel (1,3,3)
+    for r, a, b in zip((2, 3, 1), layer.lora_A, layer.lora_B, strict=True):
+        assert a.shape == (r * 1, 3 * 3 * 3)
+        assert b.shape == (4 * 1, r * 1)
+        assert a.numel() + b.numel() == r * 1 * (3 * 3 * 3 + 1 * 4)  # r*k0*(k1*k2*Cin + k0*Cout)
+    _, layer = _layer(CASES[4], ranks=(2, 2, 2))  # Conv3d 2->3, kernel 3
+    assert layer.lora_A[0].shape == (6, 2 * 9) and layer.lora_B[0].shape == (9, 6)
+    assert layer.ranks == (2, 2, 2)
+
+
+def test_fresh_experts_equal_backbone_and_init():
+    base = nn.Conv3d(3, 4, 3, padding=1)
+    layer = ExpertConv3d(base, (4, 4), (4.0, 4.0))
+    assert all(torch.count_nonzero(b) == 0 for b in layer.lora_B)
+    bound = 1 / math.sqrt(layer.lora_A[0].shape[1])  # kaiming_uniform(a=sqrt(5)) bound
+    assert layer.lora_A[0].abs().max() <= bound
+    assert layer.weight is base.weight and layer.bias is base.bias
+    x = torch.randn(2, 3, 5, 5, 5)
+    with route(layer, 1):
+        assert torch.equal(layer(x), base(x))  # dW = 0 exactly, same kernel
+    with route(layer, [0, 1]):  # split batch: a different kernel call per sample, same math
+        torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["2d", "3d-aniso"])
+def test_gradient_isolation_exact(case):
+    ids = [0, 2, 0, 2]  # region 1 absent
+    _, layer = _layer(case)
+    x = torch.randn(len(ids), case[1], *case[8], dtype=torch.float64)
+    layer.train()
+    with route(layer, ids):
+        y = layer(x)
+    target = torch.randn_like(y)
+    ((y - target) ** 2).sum().backward()
+    assert layer.lora_A[1].grad is not None and layer.lora_B[1].grad is not None  # takes part in the graph (DDP)
+    assert torch.count_nonzero(layer.lora_A[1].grad) == 0 and torch.count_nonzero(layer.lora_B[1].grad) == 0
+    for t in (0, 2):
+        assert layer.lora_A[t].grad.abs().sum() > 0 and layer.lora_B[t].grad.abs().sum() > 0
+    # expert t's gradient is exactly the gradient of region t's samples alone; W0's of all samples
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for t in (0, 2):
+        layer.zero_grad()
+        idx = [b for b, i in enumerate(ids) if i == t]
+        with route(layer, [t] * len(idx)):
+            yt = layer(x[idx])
+        ((yt - target[idx]) ** 2).sum().backward()
+        torch.testing.assert_close(layer.lora_A[t].grad, grads[f"lora_A.{t}"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(layer.lora_B[t].grad, grads[f"lora_B.{t}"], rtol=0, atol=1e-10)
+    ref_w0 = torch.zeros_like(layer.weight)
+    for b, t in enumerate(ids):
+        w = (layer.weight.detach() + layer.get_delta_weight(t).detach()).requires_grad_(True)
+        out = F.conv2d if x.dim() == 4 else F.conv3d
+        yb = out(x[b : b + 1], w, layer.bias, layer.stride, layer.padding, layer.dilation)
+        ref_w0 += torch.autograd.grad(((yb - target[b : b + 1]) ** 2).sum(), w)[0]
+    torch.testing.assert_close(grads["weight"], ref_w0, rtol=0, atol=1e-9)
+
+
+def test_every_expert_gets_a_gradient_tensor_in_training_only():
+    _, layer = _layer(CASES[0], dtype=torch.float32)
+    x = torch.randn(2, 3, 9, 11)
+    layer.eval()
+    with route(layer, [0, 0]):
+        layer(x).sum().backward()
+    assert layer.lora_A[1].grad is None  # no zero-touch outside training
+    layer.zero_grad(set_to_none=True)
+    layer.train()
+    with backbone_only(layer):
+        layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    assert all(torch.count_nonzero(a.grad) == 0 for a in layer.lora_A)
+
+
+def test_transposed_conv_experts():
+    base = nn.ConvTranspose3d(4, 3, (1, 2, 2), stride=(1, 2, 2), bias=False).double()
+    layer = ExpertConvTranspose3d(base, (2, 2), (1.0, 1.0))
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()
+    x = torch.randn(3, 4, 2, 3, 3, dtype=torch.float64)
+    with route(layer, [1, 0, 1]):
+        y = layer(x)
+    for b, t in enumerate([1, 0, 1]):
+        w = layer.weight + layer.get_delta_weight(t)
+        ref = F.conv_transpose3d(x[b : b + 1], w, None, layer.stride)
+        assert (y[b : b + 1] - ref).abs().max() <= 1e-10
+    plain = layer.to_plain(1)
+    assert type(plain) is nn.ConvTranspose3d
+    assert (plain(x[:1]) - y[:1]).abs().max() <= 1e-10
+
+
+def test_merge_and_switch_recompute_from_w0():
+    _, layer = _layer(CASES[4], dtype=torch.float32)
+    layer.eval()
+    x = torch.randn(2, 2, 6, 7, 8)
+    with torch.no_grad(), route(layer, 1):
+        routed = layer(x)
+    layer.merge(2)
+    layer.merge(0)
+    layer.merge(1)
+    first = layer.merged_weight.clone()
+    for _ in range(5):
+        layer.merge(0)
+        layer.merge(1)
+    assert torch.equal(first, layer.merged_weight)  # no drift
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), routed, rtol=0, atol=1e-5)  # no routing needed once merged
+        with route(layer, 1):
+            layer(x)
+        with pytest.raises(RoutingError, match="merged for region 1"), route(layer, [0, 1]):
+            layer(x)
+    layer.train()
+    with pytest.raises(RoutingError, match="unmerge"):
+        layer(x)
+    layer.unmerge()
+    with pytest.raises(RoutingError, match="without routing"):
+        layer(x)
+
+
+def test_layer_errors():
+    base = nn.Conv2d(2, 2, 3)
+    with pytest.raises(ValueError, match="grouped"):
+        ExpertConv2d(nn.Conv2d(2, 2, 3, groups=2), (1,), (1.0,))
+    with pytest.raises(TypeError, match="wraps Conv2d"):
+        ExpertConv2d(nn.Conv3d(2, 2, 3), (1,), (1.0,))
+    layer = ExpertConv2d(base, (1, 1), (1.0, 1.0), region_names=("abdomen", "thorax"), name="c")
+    x = torch.randn(3, 2, 5, 5)
+    with pytest.raises(RoutingError, match="without routing"):
+        layer(x)
+    with pytest.raises(RoutingError, match=r"valid ids are 0..1 \(0=abdomen, 1=thorax\)"), route(layer, [0, 2, 1]):
+        pass
+    with pytest.raises(RoutingError, match="batch of 3 samples but route"), route(layer, [0, 1]):
+        layer(x)
+    with pytest.raises(RoutingError, match="integer tensor"), route(layer, torch.zeros(3)):
+        pass
+    with route(layer, torch.tensor([1, 0, 1])):
+        layer(x)
+    with route(layer, 1):  # one region for any batch size
+        layer(x)
+        layer(x[:1])
