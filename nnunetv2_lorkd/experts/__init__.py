@@ -22,7 +22,7 @@ from .model import (
     unmerge_experts,
     unwrap_network,
 )
-from .routing import RoutingError, RoutingPlan, backbone_only, route
+from .routing import RoutingError, RoutingPlan, backbone_only, route, set_routing
 
 __all__ = [
     "ConvExperts",
@@ -41,6 +41,7 @@ __all__ = [
     "fuse_expert",
     "merge_experts",
     "route",
+    "set_routing",
     "unmerge_experts",
     "unwrap_network",
 ]

@@ -137,6 +137,17 @@ def _installed(net: nn.Module, plan_for: object) -> Iterator[None]:
             layer.routing_plan = old
 
 
+def set_routing(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor | None) -> None:
+    """Install routing until changed (``None`` removes it). For callers that cannot wrap the forward in
+    ``with route(...)``, e.g. nnU-Net's final validation, which loads and predicts one case at a time."""
+    layers = _expert_layers(net)
+    if not layers:
+        raise RoutingError("this network has no expert layers; call add_experts(net, ...) first")
+    plan = None if region_ids is None else _as_plan(region_ids, layers[0].num_experts, layers[0].region_names)
+    for layer in layers:
+        layer.routing_plan = plan
+
+
 def route(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """Route the samples of every forward inside the block to their region experts.
 

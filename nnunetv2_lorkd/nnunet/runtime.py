@@ -1,0 +1,146 @@
+"""Pieces the LoRKD trainer plugs into nnU-Net's loop: balanced sampling, per-case routing during the final
+validation, restricting outputs to a region's classes, and the per-region validation summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
+from torch import nn
+
+from nnunetv2_lorkd.experts import unwrap_network
+from nnunetv2_lorkd.regions import RegionMap
+
+# logit given to classes outside the routed region: finite in fp16 (nnU-Net accumulates logits in half
+# precision) and far below any real logit, so softmax gives them 0 and argmax never picks them
+EXCLUDED_CLASS_LOGIT = -1.0e4
+
+
+def region_balanced_probabilities(case_ids: Sequence[str], region_map: RegionMap) -> np.ndarray:
+    """Sampling probabilities aligned with `case_ids`: every region present gets the same share, spread
+    evenly over its cases, so a region with few scans is not drowned out by one with many."""
+    regions = np.array(region_map.region_ids(case_ids))
+    present, counts = np.unique(regions, return_counts=True)
+    per_case = {int(r): 1.0 / (len(present) * c) for r, c in zip(present, counts, strict=True)}
+    probs = np.array([per_case[int(r)] for r in regions])
+    return probs / probs.sum()
+
+
+class RegionBalancedDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader, sampling with the probabilities its dataset carries (if any)."""
+
+    def __init__(self, data, *args, sampling_probabilities=None, **kwargs):  # noqa: ANN001 - nnU-Net's signature
+        probabilities = getattr(data, "lorkd_sampling_probabilities", None)
+        super().__init__(
+            data, *args, sampling_probabilities=probabilities if probabilities is not None else sampling_probabilities, **kwargs
+        )
+
+
+@contextlib.contextmanager
+def balanced_loaders() -> Iterator[None]:
+    """While active, nnU-Net's get_dataloaders builds RegionBalancedDataLoader instead of nnUNetDataLoader."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    original = trainer_module.nnUNetDataLoader
+    trainer_module.nnUNetDataLoader = RegionBalancedDataLoader
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetDataLoader = original
+
+
+# ---------------------------------------------------------------------------------- final validation
+_case_hook: Callable[[str], None] | None = None
+
+
+class _RoutedCases:
+    """Calls the active case hook before a case is loaded; nnU-Net's final validation predicts each case
+    right after loading it, so the hook can route the network to that case's region."""
+
+    def load_case(self, identifier: str):  # noqa: ANN201 - same return as the base dataset
+        if _case_hook is not None:
+            _case_hook(identifier)
+        return super().load_case(identifier)  # type: ignore[misc]
+
+
+class RoutedDatasetBlosc2(_RoutedCases, nnUNetDatasetBlosc2):
+    pass
+
+
+class RoutedDatasetNumpy(_RoutedCases, nnUNetDatasetNumpy):
+    pass
+
+
+ROUTED_DATASET_FOR = {nnUNetDatasetBlosc2: RoutedDatasetBlosc2, nnUNetDatasetNumpy: RoutedDatasetNumpy}
+
+
+@contextlib.contextmanager
+def case_hook(hook: Callable[[str], None]) -> Iterator[None]:
+    global _case_hook
+    previous, _case_hook = _case_hook, hook
+    try:
+        yield
+    finally:
+        _case_hook = previous
+
+
+class OutputRestriction:
+    """A forward hook that sets the logits of classes outside the current region to a very low value, so a
+    routed network predicts exactly like the fused region model (whose heads only have the region's classes)."""
+
+    def __init__(self, net: nn.Module):
+        self.excluded: torch.Tensor | None = None
+        self._handle = unwrap_network(net).register_forward_hook(self._hook)
+
+    def set_allowed(self, channels: Sequence[int], num_classes: int, device: torch.device) -> None:
+        excluded = torch.ones(num_classes, dtype=torch.bool)
+        excluded[list(channels)] = False
+        self.excluded = excluded.to(device)
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor | list[torch.Tensor]):  # noqa: ANN202
+        if self.excluded is None:
+            return output
+        outputs = output if isinstance(output, list | tuple) else [output]
+        for out in outputs:
+            out[:, self.excluded] = EXCLUDED_CLASS_LOGIT
+        return output
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def region_channels(region_map: RegionMap, region: int) -> list[int]:
+    """Output channels of a region in the union label space: background first, then ascending labels."""
+    return [0, *sorted(region_map.label_values(region))]
+
+
+def summarize_validation_by_region(summary_file: str, region_map: RegionMap, file_ending: str) -> dict:
+    """Mean Dice per region over that region's classes and validation cases, from nnU-Net's summary.json."""
+    with open(summary_file) as f:
+        summary = json.load(f)
+    per_region: dict[str, dict] = {}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["reference_file"])[: -len(file_ending)]
+        region = region_map.region_of_case(case)
+        name = region_map.names[region]
+        bucket = per_region.setdefault(name, {"cases": [], "per_class": {}})
+        bucket["cases"].append(case)
+        for label in region_map.label_values(region):
+            dice = entry["metrics"].get(str(label), {}).get("Dice")
+            if dice is not None and not np.isnan(dice):
+                bucket["per_class"].setdefault(str(label), []).append(dice)
+    result = {}
+    for name, bucket in per_region.items():
+        class_means = {k: float(np.mean(v)) for k, v in bucket["per_class"].items()}
+        result[name] = {
+            "num_cases": len(bucket["cases"]),
+            "mean_dice": float(np.mean(list(class_means.values()))) if class_means else float("nan"),
+            "dice_per_class": class_means,
+        }
+    return result

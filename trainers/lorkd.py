@@ -1,0 +1,251 @@
+"""nnUNetTrainerLoRKD: nnU-Net's trainer with low-rank region experts, one forward per mixed-region batch,
+a partial-label loss, region-balanced sampling and per-region validation.
+
+Thin by design: each override routes the batch (or case) to its experts and hands over to nnU-Net's own
+implementation; the logic lives in ``nnunetv2_lorkd``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunetv2_lorkd.experts import expert_parameter_report, route, set_routing, unwrap_network
+from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss, PartialLabelDiceCELoss
+from nnunetv2_lorkd.nnunet.config import ExpertConfig
+from nnunetv2_lorkd.nnunet.runtime import (
+    ROUTED_DATASET_FOR,
+    OutputRestriction,
+    balanced_loaders,
+    case_hook,
+    region_balanced_probabilities,
+    region_channels,
+    summarize_validation_by_region,
+)
+from nnunetv2_lorkd.regions import RegionMap
+
+REGION_DICE_KEY = "lorkd_region_dice"
+LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 2000, 4000)
+__all__ = [
+    "nnUNetTrainerLoRKD",
+    "nnUNetTrainerLoRKD_smoke",
+    *(f"nnUNetTrainerLoRKD_{n}epoch{'s' if n != 1 else ''}" for n in LENGTHS),
+]
+
+
+class nnUNetTrainerLoRKD(nnUNetTrainer):
+    # expert defaults (LoRKD: r=8, alpha=16, decoder 2x); a dataset's dataset.json `lorkd.experts` overrides
+    lorkd_rank: int = 8
+    lorkd_alpha: float = 16.0
+    lorkd_decoder_rank_factor: int = 2
+    lorkd_ranks: tuple[int, ...] | None = None
+    lorkd_fixed_scaling: float | None = None
+    # "balanced": every region gets the same share of samples; "cases": nnU-Net's uniform over cases
+    lorkd_region_sampling: str = "balanced"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            raise RuntimeError(
+                "nnUNetTrainerLoRKD needs plain integer labels without an ignore label: regions are defined by the "
+                "dataset.json 'lorkd' section instead (see lorkd-merge)"
+            )
+        self.region_map = RegionMap.from_dataset_json(dataset_json)
+        defaults = {
+            "rank": self.lorkd_rank,
+            "alpha": self.lorkd_alpha,
+            "decoder_rank_factor": self.lorkd_decoder_rank_factor,
+            "ranks": self.lorkd_ranks,
+            "fixed_scaling": self.lorkd_fixed_scaling,
+        }
+        self.expert_config = ExpertConfig.resolve(defaults, self.region_map, dataset_json)
+        self.expert_config.store_in(plans, configuration, self.configuration_manager.configuration)
+        num_classes = self.label_manager.num_segmentation_heads
+        self.region_class_mask = torch.tensor(self.region_map.class_mask(num_classes), dtype=torch.bool)
+        self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])
+        self._compile_note_logged = False
+
+    # ------------------------------------------------------------------------------------------- network
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """nnU-Net's network from the plans, with the experts recorded in the plans configuration."""
+        config = ExpertConfig.from_configuration(configuration_manager.configuration)
+        net = nnUNetTrainer.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
+        )
+        return config.apply(net)
+
+    def initialize(self) -> None:
+        super().initialize()
+        report = expert_parameter_report(self.network)
+        self.print_to_log_file(
+            f"LoRKD: {len(self.region_map.names)} region experts {self.region_map.names}, {self.expert_config}\n"
+            + report.format(),
+            also_print_to_console=False,
+        )
+
+    def _do_i_compile(self) -> bool:
+        if super()._do_i_compile() and not self._compile_note_logged:
+            self.print_to_log_file(
+                "torch.compile is off for nnUNetTrainerLoRKD: the region mix of each batch decides which expert "
+                "weights are built, which would recompile or break the graph on every new mix"
+            )
+            self._compile_note_logged = True
+        return False
+
+    def _build_loss(self) -> nn.Module:
+        loss = PartialLabelDiceCELoss(batch_dice=self.configuration_manager.batch_dice)
+        if not self.enable_deep_supervision:
+            return DeepSupervisionPartialLoss(loss)
+        weights = np.array([1 / (2**i) for i in range(len(self._get_deep_supervision_scales()))])
+        weights[-1] = 1e-6 if self.is_ddp else 0  # DDP needs the lowest head in the graph
+        return DeepSupervisionPartialLoss(loss, (weights / weights.sum()).tolist())
+
+    # ------------------------------------------------------------------------------------------- data
+    def get_tr_and_val_datasets(self):  # noqa: ANN201 - nnU-Net's datasets
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.lorkd_region_sampling == "balanced":
+            dataset_tr.lorkd_sampling_probabilities = region_balanced_probabilities(dataset_tr.identifiers, self.region_map)
+        elif self.lorkd_region_sampling != "cases":
+            raise ValueError(f"lorkd_region_sampling must be 'balanced' or 'cases', got {self.lorkd_region_sampling!r}")
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):  # noqa: ANN201 - nnU-Net's augmenters
+        with balanced_loaders():
+            return super().get_dataloaders()
+
+    def _class_mask(self, region_ids: list[int]) -> torch.Tensor:
+        return self.region_class_mask[region_ids].to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------------------------- steps
+    def train_step(self, batch: dict) -> dict:
+        region_ids = self.region_map.region_ids(batch["keys"])
+        self.loss.set_class_mask(self._class_mask(region_ids))
+        with route(self.network, region_ids):
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        """Validation loss plus pseudo-Dice the way a fused region model predicts: argmax over background and
+        the sample's region classes only, each class counted only on samples annotated for it."""
+        region_ids = self.region_map.region_ids(batch["keys"])
+        class_mask = self._class_mask(region_ids)
+        self.loss.set_class_mask(class_mask)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
+        with route(self.network, region_ids), (
+            autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        ):
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        spatial = [1] * (output.ndim - 2)
+        logits = output.float().masked_fill(~class_mask.view(*class_mask.shape, *spatial), float("-inf"))
+        onehot = torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=list(range(2, output.ndim)))
+        annotated = class_mask.float()
+        stats = [(s * annotated).sum(0)[1:].detach().cpu().numpy() for s in (tp, fp, fn)]
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": stats[0], "fp_hard": stats[1], "fn_hard": stats[2]}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        with np.errstate(invalid="ignore", divide="ignore"):  # classes not validated this epoch are NaN
+            super().on_validation_epoch_end(val_outputs)
+        dice = np.array(self.logger.get_value("dice_per_class_or_region", step=-1), dtype=float)
+        per_region = [float(np.nanmean(dice[np.array(v) - 1])) if np.isfinite(dice[np.array(v) - 1]).any() else float("nan")
+                      for v in (self.region_map.label_values(r) for r in range(self.region_map.num_regions))]
+        self.logger.log(REGION_DICE_KEY, per_region, self.current_epoch)
+        self.print_to_log_file(
+            "Pseudo dice per region: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(self.region_map.names, per_region, strict=True))
+        )
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])
+
+    # ------------------------------------------------------------------------------ final validation
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation, with every case routed to its region's expert and predicted over that
+        region's classes only; then a per-region Dice summary."""
+        restriction = OutputRestriction(self.network)
+        num_classes = self.label_manager.num_segmentation_heads
+
+        def on_case(case_id: str) -> None:
+            region = self.region_map.region_of_case(case_id)
+            set_routing(self.network, region)
+            restriction.set_allowed(region_channels(self.region_map, region), num_classes, self.device)
+
+        base_dataset_class = self.dataset_class
+        self.dataset_class = ROUTED_DATASET_FOR.get(base_dataset_class, base_dataset_class)
+        if self.dataset_class is base_dataset_class:
+            raise RuntimeError(f"nnUNetTrainerLoRKD cannot route validation cases of dataset class {base_dataset_class}")
+        try:
+            with case_hook(on_case):
+                super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = base_dataset_class
+            restriction.remove()
+            set_routing(unwrap_network(self.network), None)
+        if self.local_rank == 0:
+            self._summarize_by_region()
+
+    def _summarize_by_region(self) -> None:
+        import json
+        import os
+
+        summary_file = os.path.join(self.output_folder, "validation", "summary.json")
+        if not os.path.isfile(summary_file):
+            return
+        per_region = summarize_validation_by_region(summary_file, self.region_map, self.dataset_json["file_ending"])
+        with open(os.path.join(self.output_folder, "validation", "summary_lorkd_regions.json"), "w") as f:
+            json.dump(per_region, f, indent=2)
+        for name, values in per_region.items():
+            self.print_to_log_file(
+                f"Final validation, region {name}: mean Dice {values['mean_dice']:.4f} over {values['num_cases']} cases",
+                also_print_to_console=True,
+            )
+
+
+class nnUNetTrainerLoRKD_smoke(nnUNetTrainerLoRKD):
+    """One tiny epoch (10 training, 5 validation iterations): for smoke tests and CI."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 5
+
+
+def _length_variant(epochs: int) -> type[nnUNetTrainerLoRKD]:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")) -> None:
+        nnUNetTrainerLoRKD.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+
+    name = f"nnUNetTrainerLoRKD_{epochs}epoch{'s' if epochs != 1 else ''}"
+    return type(name, (nnUNetTrainerLoRKD,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                                              "__doc__": f"nnUNetTrainerLoRKD for {epochs} epochs."})
+
+
+# the same training lengths nnU-Net offers for nnUNetTrainer
+nnUNetTrainerLoRKD_1epoch = _length_variant(1)
+nnUNetTrainerLoRKD_5epochs = _length_variant(5)
+nnUNetTrainerLoRKD_10epochs = _length_variant(10)
+nnUNetTrainerLoRKD_20epochs = _length_variant(20)
+nnUNetTrainerLoRKD_50epochs = _length_variant(50)
+nnUNetTrainerLoRKD_100epochs = _length_variant(100)
+nnUNetTrainerLoRKD_250epochs = _length_variant(250)
+nnUNetTrainerLoRKD_500epochs = _length_variant(500)
+nnUNetTrainerLoRKD_2000epochs = _length_variant(2000)
+nnUNetTrainerLoRKD_4000epochs = _length_variant(4000)
