@@ -13,7 +13,7 @@ dataset from per-region datasets (or from one dataset whose labels are split int
   index), each with its label names, and the region of every case.
 - a region-stratified ``splits_final.json`` (:mod:`nnunetv2_lorkd.splits`) is written to
   ``$nnUNet_preprocessed/DatasetXXX_NAME/`` when that variable is set, and always as
-  ``lorkd_splits_final.json`` into the raw dataset folder.
+  ``splits_final.json`` into the raw dataset folder.
 
 Case ids (deterministic):
 
@@ -37,7 +37,7 @@ import secrets
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +50,7 @@ _REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # endings whose label files SimpleITK can rewrite with their geometry (nnU-Net's .tif needs a spacing sidecar)
 _REWRITABLE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".bmp")
-SPLITS_COPY_NAME = "lorkd_splits_final.json"
+SPLITS_COPY_NAME = "splits_final.json"
 
 
 class MergeError(Exception):
@@ -343,6 +343,11 @@ def _load_source(folder: Path) -> _Source:
             raise MergeError(
                 f"{folder.name}/dataset.json has no '{key}'; it is not a valid nnU-Net v2 dataset.json"
             )
+    if not isinstance(dataset_json["channel_names"], dict) or not dataset_json["channel_names"]:
+        raise MergeError(
+            f"{folder.name}/dataset.json: 'channel_names' must map channel indices to names, "
+            'e.g. {"0": "CT"}'
+        )
     if "regions_class_order" in dataset_json:
         raise MergeError(
             f"{folder.name}/dataset.json has 'regions_class_order', i.e. nnU-Net region-based labels, which "
@@ -484,7 +489,6 @@ def merge_datasets(
     seed: int = 12345,
     case_prefix: str = "auto",
     num_processes: int = 1,
-    log: Callable[[str], None] = print,
 ) -> MergeResult:
     """Build ``$nnUNet_raw/DatasetXXX_NAME`` from ``specs`` (region order = expert index); see the module doc.
 
@@ -668,7 +672,6 @@ def merge_datasets(
         warnings,
         overwrite=overwrite,
         num_processes=num_processes,
-        log=log,
     )
 
 
@@ -687,7 +690,6 @@ def _write(
     *,
     overwrite: bool,
     num_processes: int,
-    log: Callable[[str], None],
 ) -> MergeResult:
     """Build in a hidden folder next to ``target``, then rename it into place; on failure remove our files."""
     token = f"{os.getpid()}-{secrets.token_hex(4)}"

@@ -17,7 +17,4 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-# CPU-friendly nnU-Net defaults; a user's own settings win
-export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-0}"
-export nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
 cd "$ROOT"

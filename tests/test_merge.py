@@ -1,6 +1,6 @@
 """lorkd-merge on tiny synthetic nnU-Net raw datasets: union labels, voxel-exact remapping, geometry, the
-``dataset`` key, the lorkd section, split mode, splits, every error case (and that errors leave nothing behind),
-and (slow) that nnU-Net plans and preprocesses the result."""
+``dataset`` key, the lorkd section, split mode, splits, every error case (and that errors leave nothing
+behind), and (slow) parallel label rewriting and that nnU-Net plans and preprocesses the result."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_merge_three_datasets(three_datasets: dict[str, Path], nn_env: dict[str,
 
     stdout = capsys.readouterr().out
     assert str(nn_env["nnUNet_preprocessed"] / "Dataset600_Merged" / "splits_final.json") in stdout
-    assert str(out / "lorkd_splits_final.json") in stdout
+    assert str(out / "splits_final.json") in stdout
     assert "expert 1: pelvis: 4 cases, labels urinary_bladder=3, femur_left=4, femur_right=5" in stdout
 
 
@@ -199,12 +199,14 @@ def test_labels_remapped_voxel_exactly_and_geometry_kept(
         assert merged_image.GetDirection() == original_image.GetDirection()
 
 
-def test_splits_stratified_and_deterministic(three_datasets: dict[str, Path], nn_env: dict[str, Path]) -> None:
+def test_splits_stratified_and_deterministic(
+    three_datasets: dict[str, Path], nn_env: dict[str, Path]
+) -> None:
     assert merge3(nn_env) == 0
     out = nn_env["nnUNet_raw"] / "Dataset600_Merged"
     pre = nn_env["nnUNet_preprocessed"] / "Dataset600_Merged" / "splits_final.json"
     splits = json.loads(pre.read_text())
-    assert splits == json.loads((out / "lorkd_splits_final.json").read_text())
+    assert splits == json.loads((out / "splits_final.json").read_text())
     dj = json.loads((out / "dataset.json").read_text())
     region_map = RegionMap.from_dataset_json(dj)
     assert len(splits) == 3
@@ -227,7 +229,7 @@ def test_without_preprocessed_env_only_the_raw_copy(
 ) -> None:
     monkeypatch.delenv("nnUNet_preprocessed")
     assert merge3(nn_env) == 0
-    assert (nn_env["nnUNet_raw"] / "Dataset600_Merged" / "lorkd_splits_final.json").is_file()
+    assert (nn_env["nnUNet_raw"] / "Dataset600_Merged" / "splits_final.json").is_file()
     assert list(nn_env["nnUNet_preprocessed"].iterdir()) == []
     assert "nnUNet_preprocessed is not set: copy" in capsys.readouterr().out
 
@@ -264,7 +266,10 @@ def test_same_dataset_twice_with_label_subsets_via_input(nn_env: dict[str, Path]
     argv = ["-i", "510", "a:liver", "-i", "Dataset510_Whole", "b=spleen,urinary_bladder"]
     assert main([*argv, "-d", "600", "-n", "Split", "--folds", "2", "-np", "1"]) == 0
     dj = json.loads((nn_env["nnUNet_raw"] / "Dataset600_Split" / "dataset.json").read_text())
-    assert dj["lorkd"]["regions"] == [{"name": "a", "labels": ["liver"]}, {"name": "b", "labels": ["spleen", "urinary_bladder"]}]
+    assert dj["lorkd"]["regions"] == [
+        {"name": "a", "labels": ["liver"]},
+        {"name": "b", "labels": ["spleen", "urinary_bladder"]},
+    ]
     assert "c3_b" in dj["dataset"]
 
 
@@ -272,10 +277,20 @@ def test_colliding_case_ids_get_region_prefixes(nn_env: dict[str, Path]) -> None
     raw = nn_env["nnUNet_raw"]
     make_dataset(raw, 501, "Abdomen", ABDOMEN, ["case_0", "case_1", "case_2"])
     make_dataset(raw, 502, "Pelvis", PELVIS, ["case_0", "case_1", "other"])
-    assert main(["-i", "501", "abd", "-i", "502", "pel", "-d", "600", "-n", "M", "--folds", "2", "-np", "1"]) == 0
+    assert (
+        main(["-i", "501", "abd", "-i", "502", "pel", "-d", "600", "-n", "M", "--folds", "2", "-np", "1"])
+        == 0
+    )
     dj = json.loads((raw / "Dataset600_M" / "dataset.json").read_text())
     # one collision -> every case is prefixed, so ids stay uniform
-    assert sorted(dj["dataset"]) == ["abd_case_0", "abd_case_1", "abd_case_2", "pel_case_0", "pel_case_1", "pel_other"]
+    assert sorted(dj["dataset"]) == [
+        "abd_case_0",
+        "abd_case_1",
+        "abd_case_2",
+        "pel_case_0",
+        "pel_case_1",
+        "pel_other",
+    ]
     assert dj["lorkd"]["case_regions"]["pel_other"] == "pel"
 
 
@@ -298,7 +313,10 @@ def test_ignore_label_and_dataset_key_input(nn_env: dict[str, Path]) -> None:
         f"p{i}": {"images": [f"{moved}/p{i}_0000.nii.gz"], "label": f"labelsTr/p{i}.nii.gz"} for i in range(3)
     }
     (src / "dataset.json").write_text(json.dumps(dj))
-    assert main(["-i", "501", "abd", "-i", "502", "pel", "-d", "600", "-n", "M", "--folds", "2", "-np", "1"]) == 0
+    assert (
+        main(["-i", "501", "abd", "-i", "502", "pel", "-d", "600", "-n", "M", "--folds", "2", "-np", "1"])
+        == 0
+    )
     out = raw / "Dataset600_M"
     merged = json.loads((out / "dataset.json").read_text())
     assert merged["labels"] == {**{k: v for k, v in UNION.items() if v <= 5}, "ignore": 6}
@@ -309,14 +327,26 @@ def test_ignore_label_and_dataset_key_input(nn_env: dict[str, Path]) -> None:
     assert RegionMap.from_dataset_json(merged).all_labels == {k: v for k, v in UNION.items() if v <= 5}
 
 
-def test_help_and_parallel_rewrite(three_datasets: dict[str, Path], nn_env: dict[str, Path], capsys) -> None:
+def test_help(capsys) -> None:
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
     assert "-i DATASET [REGION[:LABELS] ...]" in help_text and "--region REGION=LABEL[,LABEL...]" in help_text
+    assert "lorkd-merge -i 503 --region abdomen=liver,spleen" in help_text
+
+
+@pytest.mark.slow
+def test_parallel_rewrite(three_datasets: dict[str, Path], nn_env: dict[str, Path]) -> None:
+    """-np 2: label files are rewritten by spawned worker processes (each imports torch: ~10 s)."""
     raw = nn_env["nnUNet_raw"]
     argv = ["-i", "501", "abdomen", "-i", "502", "pelvis", "-i", "503", "thorax", "-d", "600", "-n", "Merged"]
     assert main([*argv, "--folds", "3", "-np", "2"]) == 0
-    assert len(list((raw / "Dataset600_Merged" / "labelsTr").iterdir())) == 7
+    out = raw / "Dataset600_Merged"
+    dj = json.loads((out / "dataset.json").read_text())
+    assert len(list((out / "labelsTr").iterdir())) == 7
+    original, _ = read(three_datasets["thorax"] / "labelsTr" / "tho_001.nii.gz")
+    np.testing.assert_array_equal(
+        read(out / dj["dataset"]["tho_001"]["label"])[0], np.array([0, 6, 7], dtype=np.uint8)[original]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -327,7 +357,9 @@ def _bad_labels(nn_env: dict[str, Path]) -> list[str]:
 
 def _region_based(nn_env: dict[str, Path]) -> list[str]:
     labels = {"background": 0, "whole": [1, 2], "core": 2}
-    make_dataset(nn_env["nnUNet_raw"], 504, "Reg", labels, ["b0", "b1"], extra_json={"regions_class_order": [1, 2]})
+    make_dataset(
+        nn_env["nnUNet_raw"], 504, "Reg", labels, ["b0", "b1"], extra_json={"regions_class_order": [1, 2]}
+    )
     return ["-i", "504", "reg"]
 
 
@@ -369,26 +401,49 @@ ERRORS = {
         GOOD,
         "channel names differ: Dataset501_Abdomen has {'0': 'CT'} but Dataset504_MRI has {'0': 'T2'}",
     ),
-    "file endings": (_nrrd, GOOD, "file endings differ: Dataset501_Abdomen has '.nii.gz' but Dataset504_Nrrd"),
+    "file endings": (
+        _nrrd,
+        GOOD,
+        "file endings differ: Dataset501_Abdomen has '.nii.gz' but Dataset504_Nrrd",
+    ),
     "stray label value": (_stray_value, GOOD, "contains value(s) [9] that Dataset504_Stray/dataset.json"),
     "case in no region": (None, ["-i", "501", "-i", "502", "pelvis"], "input '501' has no region"),
     "unknown id": (None, ["-i", "501", "abdomen", "-i", "999", "x"], "input dataset '999' not found"),
-    "unknown name": (None, ["-i", "Dataset777_Nope", "x"], "available: Dataset501_Abdomen, Dataset502_Pelvis"),
-    "duplicate region": (None, ["-i", "501", "abdomen", "-i", "502", "abdomen"], "region 'abdomen' is given twice"),
+    "unknown name": (
+        None,
+        ["-i", "Dataset777_Nope", "x"],
+        "available: Dataset501_Abdomen, Dataset502_Pelvis",
+    ),
+    "duplicate region": (
+        None,
+        ["-i", "501", "abdomen", "-i", "502", "abdomen"],
+        "region 'abdomen' is given twice",
+    ),
     "unknown label": (
         None,
         ["-i", "501", "--region", "abd=liver,kidney"],
-        "Dataset501_Abdomen has no label(s) ['kidney']; valid labels are ['liver', 'spleen', 'urinary_bladder']",
+        "Dataset501_Abdomen has no label(s) ['kidney']; valid labels are ['liver', 'spleen', "
+        "'urinary_bladder']",
     ),
-    "--region without a bare input": (None, [*GOOD, "--region", "x=liver"], "--region splits exactly one input"),
+    "--region without a bare input": (
+        None,
+        [*GOOD, "--region", "x=liver"],
+        "--region splits exactly one input",
+    ),
     "bad region name": (None, ["-i", "501", "ab domen"], "region name 'ab domen' is not valid"),
     "existing id": (_existing("Dataset600_Other"), GOOD, "dataset id 600 already exists under nnUNet_raw"),
-    "too few cases for the folds": (None, [*GOOD, "--folds", "9"], "cannot build the cross-validation splits"),
+    "too few cases for the folds": (
+        None,
+        [*GOOD, "--folds", "9"],
+        "cannot build the cross-validation splits",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_errors_are_clear_and_leave_nothing(case: str, three_datasets, nn_env: dict[str, Path], capsys) -> None:
+def test_errors_are_clear_and_leave_nothing(
+    case: str, three_datasets, nn_env: dict[str, Path], capsys
+) -> None:
     setup, argv, message = ERRORS[case]
     if setup is not None:
         argv = [*argv, *setup(nn_env)]
@@ -429,7 +484,8 @@ def test_usage_error_exit_code(capsys) -> None:
 @pytest.mark.slow
 def test_nnunet_plans_and_preprocesses_the_merged_dataset(three_datasets, nn_env: dict[str, Path]) -> None:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "0"}
+    # nnUNet_n_proc_DA=0 (scripts/_env.sh's default) breaks planning in 2.8.1: torch.set_num_threads(0)
+    env = {**os.environ, "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
     merge = subprocess.run(
         [bin_dir / "lorkd-merge", "-i", "501", "abdomen", "-i", "502", "pelvis", "-i", "503", "thorax",
          "-d", "600", "-n", "Merged", "--folds", "3", "-np", "1"],
@@ -452,4 +508,6 @@ def test_nnunet_plans_and_preprocesses_the_merged_dataset(three_datasets, nn_env
     assert sorted(p.name.split(".")[0] for p in data.glob("*.pkl")) == sorted(raw_dj["dataset"])
     # preprocessing keeps our splits
     splits = json.loads((pre / "splits_final.json").read_text())
-    assert splits == json.loads((nn_env["nnUNet_raw"] / "Dataset600_Merged" / "lorkd_splits_final.json").read_text())
+    assert splits == json.loads(
+        (nn_env["nnUNet_raw"] / "Dataset600_Merged" / "splits_final.json").read_text()
+    )

@@ -41,7 +41,7 @@ MEDMNIST_NUM_CLASSES = {
 
 
 class DatasetFormatError(ValueError):
-    """A classification data file is malformed. The one-line message names the file, the problem and the fix."""
+    """A classification data file is malformed; the one-line message names the file, problem and fix."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,9 @@ def _as_uint8_images(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype.kind not in "iuf" or (arr.size and (arr.min() < 0 or arr.max() > 255)):
-        raise _fail(path, f"'{key}' has dtype {arr.dtype} with values outside 0..255; store uint8 pixel values")
+        raise _fail(
+            path, f"'{key}' has dtype {arr.dtype} with values outside 0..255; store uint8 pixel values"
+        )
     if arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr)):
         raise _fail(path, f"'{key}' holds fractional values; store uint8 pixel values 0..255")
     return arr.astype(np.uint8)
@@ -102,7 +104,8 @@ def _as_labels(arr: np.ndarray, n_images: int, path: Path, key: str) -> np.ndarr
     if arr.ndim == 2 and arr.shape[1] > 1:
         raise _fail(
             path,
-            f"'{key}' has shape {tuple(arr.shape)}: multi-label tasks (one column per label, e.g. ChestMNIST) "
+            f"'{key}' has shape {tuple(arr.shape)}: multi-label tasks (one column per label, e.g. "
+            "ChestMNIST) "
             "are not supported; give one class id per image, shape (N, 1)",
         )
     if not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
@@ -115,7 +118,9 @@ def _as_labels(arr: np.ndarray, n_images: int, path: Path, key: str) -> np.ndarr
             f"'{images_key}' has {n_images} images but '{key}' has {arr.shape[0]} labels; "
             "every image needs exactly one label",
         )
-    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr))):
+    if arr.dtype.kind not in "iuf" or (
+        arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr))
+    ):
         raise _fail(path, f"'{key}' has dtype {arr.dtype}; labels must be integer class ids")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
@@ -140,7 +145,9 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise _fail(path, f"not a readable .npz archive ({exc}); save it with numpy.savez[_compressed]") from None
+        raise _fail(
+            path, f"not a readable .npz archive ({exc}); save it with numpy.savez[_compressed]"
+        ) from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _fail(path, "holds a single array, not an .npz archive with train/val/test images and labels")
     with archive:
@@ -152,7 +159,10 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
                 f"{', '.join(archive.files) or 'nothing'})",
             )
         try:
-            raw = {k: archive[k] for k in (*NPZ_KEYS, *([LABEL_NAMES_KEY] if LABEL_NAMES_KEY in archive.files else []))}
+            raw = {
+                k: archive[k]
+                for k in (*NPZ_KEYS, *([LABEL_NAMES_KEY] if LABEL_NAMES_KEY in archive.files else []))
+            }
         except ValueError as exc:
             raise _fail(path, f"holds Python objects ({exc}); store plain numeric arrays") from None
     splits: dict[str, SplitArrays] = {}
@@ -170,7 +180,11 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
     if LABEL_NAMES_KEY in raw:
         names_arr = raw[LABEL_NAMES_KEY]
         if names_arr.ndim != 1 or names_arr.dtype.kind != "U":
-            raise _fail(path, f"'{LABEL_NAMES_KEY}' must be a 1-D array of strings, got {names_arr.dtype} {names_arr.shape}")
+            raise _fail(
+                path,
+                f"'{LABEL_NAMES_KEY}' must be a 1-D array of strings, "
+                f"got {names_arr.dtype} {names_arr.shape}",
+            )
         class_names = tuple(str(n) for n in names_arr)
         source_of_count = f"'{LABEL_NAMES_KEY}' lists {len(class_names)} classes"
     else:
@@ -183,7 +197,9 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
     for split, arrays in splits.items():
         if len(arrays) and int(arrays.labels.max()) >= k:
             bad = sorted({int(v) for v in arrays.labels[arrays.labels >= k]})[:5]
-            raise _fail(path, f"'{split}_labels' has label(s) {bad} out of range 0..{k - 1} ({source_of_count})")
+            raise _fail(
+                path, f"'{split}_labels' has label(s) {bad} out of range 0..{k - 1} ({source_of_count})"
+            )
     if k < 2:
         raise _fail(path, f"only {k} class found; a classification task needs at least 2 classes")
     return TaskData(name or path.stem, class_names, splits, str(path))
@@ -205,7 +221,8 @@ def check_unique_names(tasks: Sequence[TaskData]) -> None:
     for t in tasks:
         if t.name in seen:
             raise DatasetFormatError(
-                f"{t.source}: task name '{t.name}' is also given by {seen[t.name]}; task names must be unique "
+                f"{t.source}: task name '{t.name}' is also given by {seen[t.name]}; "
+                "task names must be unique "
                 "(rename one of the files)"
             )
         seen[t.name] = t.source
@@ -245,7 +262,8 @@ def common_geometry(tasks: Sequence[TaskData], image_size: int | None = None) ->
         if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
             detail = ", ".join(f"{t.name} {t.image_hw[0]}x{t.image_hw[1]}" for t in tasks)
             raise DatasetFormatError(
-                f"tasks have different or non-square image sizes ({detail}); pass an image size (--image-size N) "
+                f"tasks have different or non-square image sizes ({detail}); "
+                "pass an image size (--image-size N) "
                 "to resize them all to N x N"
             )
         image_size = next(iter(sizes))[0]
@@ -253,7 +271,11 @@ def common_geometry(tasks: Sequence[TaskData], image_size: int | None = None) ->
 
 
 def assemble_split(
-    tasks: Sequence[TaskData], split: str, channels: int, image_size: int, task_index: dict[str, int] | None = None
+    tasks: Sequence[TaskData],
+    split: str,
+    channels: int,
+    image_size: int,
+    task_index: dict[str, int] | None = None,
 ) -> MultiTaskSplit:
     """Concatenate one split of several tasks; grey images are repeated to RGB when ``channels`` is 3."""
     images, labels, ids = [], [], []
@@ -265,7 +287,8 @@ def assemble_split(
                 x = np.repeat(x, channels, axis=3)
             else:
                 raise DatasetFormatError(
-                    f"{task.source}: task '{task.name}' has RGB images but the model takes {channels} channel(s)"
+                    f"{task.source}: task '{task.name}' has RGB images "
+                    f"but the model takes {channels} channel(s)"
                 )
         images.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
         labels.append(torch.from_numpy(arrays.labels))

@@ -36,7 +36,7 @@ def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """{'acc', 'auc', 'n', 'auc_classes'} for one task; auc_classes = how many classes entered the macro AUC."""
+    """{'acc', 'auc', 'n', 'auc_classes'} of one task; auc_classes = classes that entered the macro AUC."""
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs)
     if len(labels) == 0:

@@ -1,5 +1,5 @@
-"""Networks: a light 2D ResNet, the multi-task classifier (shared backbone + per-task heads, optional LoRKD
-experts routed by task id in one forward), the frozen teacher, and the plain per-task model that fusion yields.
+"""Networks: a light 2D ResNet, the multi-task classifier (shared backbone + per-task heads, optional
+LoRKD experts routed by task id in one forward), the frozen teacher, and the plain per-task model of fusion.
 
 Normalisation: BatchNorm, shared by all tasks as in the LoRKD classification student. Its batch statistics
 therefore mix tasks during training; at inference the running statistics are shared constants, so a fused
@@ -58,9 +58,13 @@ class LightResNet(nn.Module):
     def __init__(self, in_channels: int, widths: Sequence[int], blocks: Sequence[int]) -> None:
         super().__init__()
         if len(widths) != len(blocks) or not widths:
-            raise ValueError(f"widths {list(widths)} and blocks {list(blocks)} need the same, non-zero length")
+            raise ValueError(
+                f"widths {list(widths)} and blocks {list(blocks)} need the same, non-zero length"
+            )
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
         )
         layers: list[nn.Module] = []
         cin = widths[0]
@@ -107,7 +111,9 @@ class MultiTaskClassifier(nn.Module):
         arch = config["arch"]
         self.task_names = [t["name"] for t in config["tasks"]]
         self.backbone = LightResNet(arch["in_channels"], arch["widths"], arch["blocks"])
-        self.heads = nn.ModuleList(nn.Linear(self.backbone.feature_dim, len(t["class_names"])) for t in config["tasks"])
+        self.heads = nn.ModuleList(
+            nn.Linear(self.backbone.feature_dim, len(t["class_names"])) for t in config["tasks"]
+        )
         experts = config.get("experts")
         if experts:
             add_experts(
@@ -170,9 +176,11 @@ class PlainTaskClassifier(nn.Module):
 
 
 def fuse_task(model: MultiTaskClassifier, task: int) -> PlainTaskClassifier:
-    """The plain per-task network: experts merged into the conv weights (float64 merge), no expert classes left."""
+    """The plain per-task network: the expert merged into the conv weights (in float64), no expert classes."""
     if not 0 <= task < len(model.heads):
-        raise ValueError(f"task {task} out of range 0..{len(model.heads) - 1} ({', '.join(model.task_names)})")
+        raise ValueError(
+            f"task {task} out of range 0..{len(model.heads) - 1} ({', '.join(model.task_names)})"
+        )
     backbone = fuse_expert(model.backbone, task) if model.has_experts else copy.deepcopy(model.backbone)
     plain = PlainTaskClassifier(backbone, copy.deepcopy(model.heads[task]))
     return plain.train(model.training)
@@ -211,7 +219,12 @@ def make_config(
     if preset not in ARCH_PRESETS:
         raise ValueError(f"unknown architecture preset '{preset}'; choose one of {', '.join(ARCH_PRESETS)}")
     return {
-        "arch": {"name": "light_resnet", "preset": preset, "in_channels": int(in_channels), **ARCH_PRESETS[preset]},
+        "arch": {
+            "name": "light_resnet",
+            "preset": preset,
+            "in_channels": int(in_channels),
+            **ARCH_PRESETS[preset],
+        },
         "image_size": int(image_size),
         "tasks": [{"name": n, "class_names": [str(c) for c in names]} for n, names in tasks],
         "experts": dict(experts) if experts else None,

@@ -52,7 +52,9 @@ def _read_rows(csv_path: Path) -> list[dict[str, str]]:
     for line, row in enumerate(rows, start=2):
         empty = [c for c in CSV_COLUMNS if not row.get(c)]
         if empty:
-            raise DatasetFormatError(f"{csv_path}: line {line} has an empty {', '.join(empty)}; every row needs all four")
+            raise DatasetFormatError(
+                f"{csv_path}: line {line} has an empty {', '.join(empty)}; every row needs all four"
+            )
         if row["split"] not in SPLITS:
             raise DatasetFormatError(
                 f"{csv_path}: line {line} has split '{row['split']}'; use one of {', '.join(SPLITS)}"
@@ -69,7 +71,8 @@ def _load_image(path: Path, csv_path: Path) -> np.ndarray:
             mode = im.mode
             if mode in ("I;16", "I;16B", "I", "F"):
                 raise DatasetFormatError(
-                    f"{csv_path}: image {path} is {mode} (16-bit/float); convert it to 8-bit grey or RGB first"
+                    f"{csv_path}: image {path} is {mode} (16-bit/float); "
+                    "convert it to 8-bit grey or RGB first"
                 )
             grey = mode in ("L", "1", "LA") or (mode == "P" and _palette_is_grey(im))
             arr = np.asarray(im.convert("L" if grey else "RGB"))
@@ -83,7 +86,9 @@ def _palette_is_grey(im) -> bool:
     return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
-def load_radimagenet_csv(csv_path: str | Path, image_root: str | Path | None = None, image_size: int = 28) -> list[TaskData]:
+def load_radimagenet_csv(
+    csv_path: str | Path, image_root: str | Path | None = None, image_size: int = 28
+) -> list[TaskData]:
     """All tasks of a RadImageNet-style CSV, one TaskData per ``task`` value, in order of first appearance."""
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root is not None else csv_path.parent
@@ -102,25 +107,35 @@ def load_radimagenet_csv(csv_path: str | Path, image_root: str | Path | None = N
         classes = tuple(sorted({r["label"] for r in task_rows}))
         train_classes = {r["label"] for r in task_rows if r["split"] == "train"}
         if not train_classes:
-            raise DatasetFormatError(f"{csv_path}: task '{name}' has no 'train' rows; every task needs training images")
+            raise DatasetFormatError(
+                f"{csv_path}: task '{name}' has no 'train' rows; every task needs training images"
+            )
         unseen = sorted(set(classes) - train_classes)
         if unseen:
             raise DatasetFormatError(
-                f"{csv_path}: task '{name}' has class(es) {', '.join(unseen)} only outside 'train'; every class "
+                f"{csv_path}: task '{name}' has class(es) {', '.join(unseen)} only outside 'train'; "
+                "every class "
                 "needs training images"
             )
         if len(classes) < 2:
-            raise DatasetFormatError(f"{csv_path}: task '{name}' has a single class '{classes[0]}'; it needs at least 2")
+            raise DatasetFormatError(
+                f"{csv_path}: task '{name}' has a single class '{classes[0]}'; it needs at least 2"
+            )
         images = [_load_image(root / r["filename"], csv_path) for r in task_rows]
         channels = 3 if any(im.shape[2] == 3 for im in images) else 1
         resized = [
-            resize_uint8((np.repeat(im, 3, axis=2) if im.shape[2] < channels else im)[None], image_size)[0] for im in images
+            resize_uint8((np.repeat(im, 3, axis=2) if im.shape[2] < channels else im)[None], image_size)[0]
+            for im in images
         ]
         index = {c: i for i, c in enumerate(classes)}
         splits = {}
         for split in SPLITS:
             sel = [i for i, r in enumerate(task_rows) if r["split"] == split]
-            imgs = np.stack([resized[i] for i in sel]) if sel else np.zeros((0, image_size, image_size, channels), np.uint8)
+            imgs = (
+                np.stack([resized[i] for i in sel])
+                if sel
+                else np.zeros((0, image_size, image_size, channels), np.uint8)
+            )
             labels = np.asarray([index[task_rows[i]["label"]] for i in sel], dtype=np.int64)
             splits[split] = SplitArrays(imgs, labels)
         tasks.append(TaskData(name, classes, splits, str(csv_path)))

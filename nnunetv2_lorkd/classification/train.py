@@ -77,12 +77,15 @@ def teacher_task_map(student: MultiTaskClassifier, teacher: FrozenTeacher) -> to
     for task in student.config["tasks"]:
         if task["name"] not in teacher_tasks:
             raise CheckpointError(
-                f"the teacher has no task '{task['name']}' (it has {', '.join(teacher_tasks)}); train a teacher on "
+                f"the teacher has no task '{task['name']}' (it has {', '.join(teacher_tasks)}); "
+                "train a teacher on "
                 "the same data files"
             )
         idx, names = teacher_tasks[task["name"]]
         if list(names) != list(task["class_names"]):
-            raise CheckpointError(f"task '{task['name']}': the teacher's classes {names} differ from the data's")
+            raise CheckpointError(
+                f"task '{task['name']}': the teacher's classes {names} differ from the data's"
+            )
         mapping.append(idx)
     return torch.tensor(mapping, dtype=torch.long)
 
@@ -121,9 +124,13 @@ def train_model(
         seen = 0
         start = time.perf_counter()
         batches = list(iterate_batches(len(train), settings.batch_size, shuffle=True, generator=gen))
-        bar = tqdm(batches, desc=f"{name} {epoch}/{settings.epochs}", leave=False, disable=not settings.progress)
+        bar = tqdm(
+            batches, desc=f"{name} {epoch}/{settings.epochs}", leave=False, disable=not settings.progress
+        )
         for idx in bar:
-            x = random_shift(train.images[idx].float(), settings.augment_shift, gen).to(device, non_blocking=True)
+            x = random_shift(train.images[idx].float(), settings.augment_shift, gen).to(
+                device, non_blocking=True
+            )
             y = train.labels[idx].to(device, non_blocking=True)
             ids = train.task_ids[idx]
             out = model(x, ids)
@@ -157,7 +164,9 @@ def train_model(
         if val is not None and len(val):
             metrics = evaluate_split(model, val, device, settings.batch_size * 2)
             record["val"] = metrics
-            line += " | val " + ", ".join(f"{k} acc {m['acc']:.3f} auc {m['auc']:.3f}" for k, m in metrics.items())
+            line += " | val " + ", ".join(
+                f"{k} acc {m['acc']:.3f} auc {m['auc']:.3f}" for k, m in metrics.items()
+            )
         history.append(record)
         log(line)
     model.eval()
@@ -188,12 +197,17 @@ def evaluate_split(
 ) -> dict[str, dict[str, float]]:
     """Per task name: ACC and AUC (MedMNIST metrics)."""
     return {
-        model.task_names[t]: classification_metrics(y, p) for t, (y, p) in predict_split(model, data, device, batch_size).items()
+        model.task_names[t]: classification_metrics(y, p)
+        for t, (y, p) in predict_split(model, data, device, batch_size).items()
     }
 
 
 def save_checkpoint(
-    path: str | Path, model: MultiTaskClassifier, kind: str, history: Sequence[dict] = (), extra: dict | None = None
+    path: str | Path,
+    model: MultiTaskClassifier,
+    kind: str,
+    history: Sequence[dict] = (),
+    extra: dict | None = None,
 ) -> Path:
     """Atomically write {format, kind, config, state_dict, history, ...}; loadable with weights_only=True."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -208,7 +222,9 @@ def save_checkpoint(
     return save_torch(path, payload)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiTaskClassifier, dict]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[MultiTaskClassifier, dict]:
     """Rebuild a model from one of our checkpoints (weights_only=True: no code in the file is run)."""
     path = Path(path)
     if not path.is_file():
@@ -218,7 +234,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # torch raises several types for foreign or corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not an nnunetv2_lorkd classification checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path}: not an nnunetv2_lorkd classification checkpoint (format {CHECKPOINT_FORMAT})"
+        )
     model = MultiTaskClassifier(payload["config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()

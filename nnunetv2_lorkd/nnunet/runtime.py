@@ -17,9 +17,10 @@ from torch import nn
 from nnunetv2_lorkd.experts import unwrap_network
 from nnunetv2_lorkd.regions import RegionMap
 
-# logit given to classes outside the routed region: finite in fp16 (nnU-Net accumulates logits in half
-# precision) and far below any real logit, so softmax gives them 0 and argmax never picks them
-EXCLUDED_CLASS_LOGIT = -1.0e4
+# classes outside the routed region get (lowest allowed logit - this margin) per voxel: argmax never picks
+# them, softmax gives them < 1e-21, and the values stay in the range of real logits, so nnU-Net's
+# Gaussian-weighted fp16 accumulation cannot overflow (a constant like -1e4 does)
+EXCLUDED_CLASS_MARGIN = 50.0
 
 
 def region_balanced_probabilities(case_ids: Sequence[str], region_map: RegionMap) -> np.ndarray:
@@ -108,7 +109,8 @@ class OutputRestriction:
             return output
         outputs = output if isinstance(output, list | tuple) else [output]
         for out in outputs:
-            out[:, self.excluded] = EXCLUDED_CLASS_LOGIT
+            floor = out[:, ~self.excluded].amin(1, keepdim=True) - EXCLUDED_CLASS_MARGIN
+            out[:, self.excluded] = floor.expand(-1, int(self.excluded.sum()), *out.shape[2:])
         return output
 
     def remove(self) -> None:

@@ -1,0 +1,246 @@
+"""Per-task benchmark: teacher vs LoRKD experts (fused, exported) vs single-task students vs MTL student.
+
+All students are the same light network and learn from the same frozen teacher with the same KD settings,
+so the comparison isolates what the experts add: LoRKD = shared backbone + one low-rank expert per task
+(deployed fused); MTL = shared backbone alone; single-task = one independent network per task.
+LoRKD's numbers are measured on the exported per-task models after fusion, i.e. what would be deployed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._io import write_json, write_text
+from .data import TaskData, assemble_split, check_unique_names, common_geometry, iterate_batches
+from .export import export_fused_models, load_exported
+from .metrics import classification_metrics
+from .models import FrozenTeacher, MultiTaskClassifier, make_config
+from .train import TrainSettings, evaluate_split, save_checkpoint, settings_dict, train_model
+
+
+def cpu_name() -> str:
+    """The processor's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_name()}, {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+@torch.no_grad()
+def evaluate_plain(
+    module: torch.nn.Module, task: TaskData, channels: int, size: int, device: torch.device
+) -> dict[str, float]:
+    """ACC/AUC of a plain single-task module (e.g. an exported fused model) on the task's test split."""
+    data = assemble_split([task], "test", channels, size)
+    module = module.to(device)
+    probs = []
+    for idx in iterate_batches(len(data), 512, shuffle=False):
+        probs.append(torch.softmax(module(data.images[idx].float().to(device)), 1).cpu().numpy())
+    return classification_metrics(data.labels.numpy(), np.concatenate(probs))
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per model: per-task ACC/AUC, means, deployed and stored parameter counts, training time."""
+    tasks = results["tasks"]
+    header = ["model", "params / task (deployed)", "params stored (all tasks)"]
+    header += [f"{t} {m}" for t in tasks for m in ("ACC", "AUC")] + ["mean ACC", "mean AUC", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["rows"]:
+        cells = [row["model"], f"{row['params_deployed']:,}", f"{row['params_stored']:,}"]
+        for t in tasks:
+            cells += [_fmt(row["metrics"][t]["acc"]), _fmt(row["metrics"][t]["auc"])]
+        cells += [_fmt(row["mean_acc"]), _fmt(row["mean_auc"]), f"{row['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _deployed(model: MultiTaskClassifier) -> int:
+    return max(model.deployed_parameter_count(t) for t in range(len(model.heads)))
+
+
+def _row(
+    model: str, metrics: dict[str, dict], deployed: int, stored: int, seconds: float, note: str = ""
+) -> dict:
+    return {
+        "model": model,
+        "metrics": metrics,
+        "mean_acc": float(np.nanmean([m["acc"] for m in metrics.values()])),
+        "mean_auc": float(np.nanmean([m["auc"] for m in metrics.values()])),
+        "params_deployed": deployed,
+        "params_stored": stored,
+        "train_seconds": seconds,
+        "note": note,
+    }
+
+
+def run_benchmark(
+    tasks: Sequence[TaskData],
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    teacher_epochs: int = 12,
+    student_epochs: int = 12,
+    seed: int = 0,
+    rank: int = 2,
+    alpha: float = 8.0,
+    kd_weight: float = 1.0,
+    kd_temperature: float = 4.0,
+    batch_size: int = 128,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the four kinds of model on `tasks`, evaluate each on the test splits, write benchmark.md."""
+    out_dir = Path(out_dir)
+    check_unique_names(tasks)
+    channels, size = common_geometry(tasks)
+    names = [t.name for t in tasks]
+    task_specs = [(t.name, t.class_names) for t in tasks]
+    train = assemble_split(tasks, "train", channels, size)
+    val = assemble_split(tasks, "val", channels, size)
+    test = assemble_split(tasks, "test", channels, size)
+    base = TrainSettings(
+        epochs=student_epochs,
+        batch_size=batch_size,
+        kd_weight=kd_weight,
+        kd_temperature=kd_temperature,
+        seed=seed,
+        progress=progress,
+    )
+    rows = []
+    start_all = time.perf_counter()
+
+    sizes = ", ".join(f"{t.name}: {len(t.splits['train'])} train" for t in tasks)
+    log(f"benchmark: {len(tasks)} tasks ({sizes}) on {device}")
+    teacher_model = MultiTaskClassifier(make_config(task_specs, channels, size, "teacher"))
+    t0 = time.perf_counter()
+    t_settings = TrainSettings(**{**settings_dict(base), "epochs": teacher_epochs})
+    history = train_model(teacher_model, train, t_settings, device, val=val, log=log, name="teacher")
+    t_seconds = time.perf_counter() - t0
+    save_checkpoint(out_dir / "teacher.pt", teacher_model, "teacher", history)
+    rows.append(
+        _row(
+            "teacher (larger ResNet, MTL, per-task heads)",
+            evaluate_split(teacher_model, test, device),
+            _deployed(teacher_model),
+            teacher_model.stored_parameter_count(),
+            t_seconds,
+        )
+    )
+    teacher = FrozenTeacher(teacher_model)
+
+    # LoRKD: experts + KD, fused and exported, evaluated from the exported files
+    lorkd = MultiTaskClassifier(
+        make_config(task_specs, channels, size, "student", {"rank": rank, "alpha": alpha})
+    )
+    t0 = time.perf_counter()
+    history = train_model(lorkd, train, base, device, teacher=teacher, val=val, log=log, name="lorkd")
+    seconds = time.perf_counter() - t0
+    save_checkpoint(out_dir / "lorkd.pt", lorkd, "student", history)
+    routed = evaluate_split(lorkd, test, device)
+    exported = export_fused_models(lorkd, out_dir / "fused")
+    fused_metrics = {}
+    for item in exported:
+        module, meta = load_exported(item["path"])
+        fused_metrics[meta["task"]] = evaluate_plain(
+            module, tasks[names.index(meta["task"])], channels, size, device
+        )
+    max_diff = max(abs(fused_metrics[n]["acc"] - routed[n]["acc"]) for n in names)
+    rows.append(
+        _row(
+            f"LoRKD student (experts r={rank}, fused)",
+            fused_metrics,
+            _deployed(lorkd),
+            lorkd.stored_parameter_count(),
+            seconds,
+            f"fused vs routed: max logit diff {max(e['max_abs_diff_vs_routed'] for e in exported):.2e}, "
+            f"max ACC diff {max_diff:.3f}",
+        )
+    )
+
+    # MTL: the same light network, shared backbone and per-task heads, no experts
+    mtl = MultiTaskClassifier(make_config(task_specs, channels, size, "student"))
+    t0 = time.perf_counter()
+    history = train_model(mtl, train, base, device, teacher=teacher, val=val, log=log, name="mtl")
+    seconds = time.perf_counter() - t0
+    save_checkpoint(out_dir / "mtl.pt", mtl, "student", history)
+    rows.append(
+        _row(
+            "MTL student (no experts)",
+            evaluate_split(mtl, test, device),
+            _deployed(mtl),
+            mtl.stored_parameter_count(),
+            seconds,
+        )
+    )
+
+    # single-task students: one light network per task, each distilled from the teacher's head of its task
+    single_metrics, single_params, seconds = {}, [], 0.0
+    for task in tasks:
+        model = MultiTaskClassifier(make_config([(task.name, task.class_names)], channels, size, "student"))
+        t0 = time.perf_counter()
+        history = train_model(
+            model,
+            assemble_split([task], "train", channels, size),
+            base,
+            device,
+            teacher=teacher,
+            val=assemble_split([task], "val", channels, size),
+            log=log,
+            name=f"single:{task.name}",
+        )
+        seconds += time.perf_counter() - t0
+        save_checkpoint(out_dir / f"single_{task.name}.pt", model, "student", history)
+        single_metrics.update(evaluate_split(model, assemble_split([task], "test", channels, size), device))
+        single_params.append(model.stored_parameter_count())
+    rows.append(
+        _row(
+            "single-task students (one net per task)",
+            single_metrics,
+            max(single_params),
+            sum(single_params),
+            seconds,
+        )
+    )
+
+    results = {
+        "tasks": names,
+        "test_sizes": {t.name: len(t.splits["test"]) for t in tasks},
+        "machine": machine_description(device),
+        "device": str(device),
+        "settings": {**settings_dict(base), "teacher_epochs": teacher_epochs, "rank": rank, "alpha": alpha},
+        "rows": rows,
+        "total_seconds": time.perf_counter() - start_all,
+    }
+    table = markdown_table(results)
+    notes = "\n".join(f"- {r['model']}: {r['note']}" for r in rows if r["note"])
+    write_json(out_dir / "benchmark.json", results)
+    write_text(
+        out_dir / "benchmark.md",
+        f"Machine: {results['machine']}; total {results['total_seconds']:.0f} s; seed {seed}; "
+        f"test images per task: {results['test_sizes']}\n\n{table}\n\n{notes}\n",
+    )
+    log(table)
+    return results

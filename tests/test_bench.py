@@ -1,0 +1,120 @@
+"""Smoke test of lorkd-bench, and proof that its reference schemes compute what ours computes (a fair race)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_lorkd import bench
+from nnunetv2_lorkd.experts import ExpertConv2d, ExpertConv3d, route
+
+
+def _plain_per_sample(layer, x, ids):
+    """The definition: one plain conv per sample with W0 + s_t * reshape(B_t @ A_t)."""
+    conv = F.conv2d if x.dim() == 4 else F.conv3d
+    outs = []
+    for b, t in enumerate(ids):
+        w = layer.weight + (layer.lora_B[t] @ layer.lora_A[t]).reshape(layer.weight.shape) * layer.scaling[t]
+        outs.append(conv(x[b : b + 1], w, layer.bias, layer.stride, layer.padding, layer.dilation))
+    return torch.cat(outs)
+
+
+def _expert_conv(dim, bias, stride, seed=0):
+    torch.manual_seed(seed)
+    base = (nn.Conv2d if dim == 2 else nn.Conv3d)(3, 5, 3, stride=stride, padding=1, bias=bias).double()
+    cls = ExpertConv2d if dim == 2 else ExpertConv3d
+    layer = cls(base, (2, 1, 3, 2), (4.0, 2.0, 1.5, 3.0), name="bench-test")
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0.0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(("dim", "stride"), [(2, 1), (2, 2), (3, 1)], ids=["2d", "2d-stride2", "3d"])
+def test_reference_schemes_match_per_sample_convs_fp64(dim, stride, bias):
+    layer = _expert_conv(dim, bias, stride)
+    ids = [3, 0, 2, 0, 3, 1]  # every region, not grouped
+    x = torch.randn(len(ids), 3, *([7] * dim), dtype=torch.float64, requires_grad=True)
+    expected = _plain_per_sample(layer, x, ids)
+    onehot = F.one_hot(torch.tensor(ids), layer.num_experts)
+    results = {
+        "official-broadcast": bench.official_style_conv(layer, x, onehot, "broadcast"),
+        "official-matmul": bench.official_style_conv(layer, x, onehot, "matmul"),
+        "per-sample": bench.per_sample_conv(layer, x, ids),
+    }
+    with route(layer, ids):
+        results["ours"] = layer(x)
+    for name, y in results.items():
+        assert y.shape == expected.shape, name
+        assert (y - expected).abs().max().item() <= 1e-10, name
+
+    # same gradients too: every variant does the same work for the backward pass
+    grad_out = torch.randn_like(expected)
+    params = [x, *layer.parameters()]
+    reference = torch.autograd.grad(expected, params, grad_out)
+    for name, y in results.items():
+        grads = torch.autograd.grad(y, params, grad_out, allow_unused=True)
+        for p, g, r in zip(params, grads, reference, strict=True):
+            if r is None:
+                continue
+            g = torch.zeros_like(p) if g is None else g
+            assert (g - r).abs().max().item() <= 1e-10, name
+
+
+def test_official_style_rejects_a_wrong_onehot():
+    layer = _expert_conv(2, True, 1)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="onehot"):
+        bench.official_style_conv(layer, x, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize(("batch", "experts"), [(64, 8), (8, 4), (2, 8), (5, 3)])
+def test_mixed_region_ids_present_and_balanced(batch, experts):
+    ids = bench.mixed_region_ids(batch, experts, seed=1)
+    assert len(ids) == batch
+    assert len(set(ids)) == min(batch, experts)
+    counts = [ids.count(r) for r in set(ids)]
+    assert max(counts) - min(counts) <= 1
+
+
+_RATIO = re.compile(r"^\s+(.+?):\s+([0-9.]+|nan|inf)x \(target (<=|>=) ([0-9.]+)x\)\s+(.*)$")
+
+
+def test_quick_run_prints_tables_and_summary(capsys, tmp_path):
+    md = tmp_path / "bench.md"
+    assert bench.main(["--quick", "--device", "cpu", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "machine: CPU" in out and "torch" in out
+    assert "NOT a measurement" in out
+    for title in ("2D conv, forward + backward", "3D conv, forward + backward", "whole-network training step"):
+        assert title in out
+    for variant in (bench.PLAIN, bench.OURS, bench.OFFICIAL, bench.OFFICIAL_MM, bench.LOOP, bench.PLAIN_NET):
+        assert variant in out
+
+    summary = out.split("summary (")[1].splitlines()[1:]
+    matches = [m for m in map(_RATIO.match, summary) if m]
+    assert len(matches) == 4  # 2D and 3D conv ratio, official speed-up, network step ratio
+    for m in matches:
+        ratio = float(m.group(2))
+        assert math.isfinite(ratio) and ratio > 0
+        assert m.group(5).startswith("n/a")  # quick sizes give no verdict
+
+    text = md.read_text()
+    assert "## Expert convolutions (issue: core)" in text and "### CPU" in text and "Machine: CPU" in text
+
+
+def test_markdown_append_and_gpu_placeholder(tmp_path):
+    md = tmp_path / "b.md"
+    md.write_text(f"# B\n\n#### GPU\n\n{bench.GPU_PLACEHOLDER}\n\n#### end\n")
+    bench.write_markdown(md, "### CPU (x)\n", torch.device("cpu"))
+    assert md.read_text().endswith("### CPU (x)\n") and bench.GPU_PLACEHOLDER in md.read_text()
+    bench.write_markdown(md, "### GPU (y)\n", torch.device("cuda"))
+    text = md.read_text()
+    assert bench.GPU_PLACEHOLDER not in text
+    assert text.index("### GPU (y)") < text.index("#### end") < text.index("### CPU (x)")
