@@ -26,10 +26,10 @@ class BuildPyWithPth(build_py):
 class _StrategyWithPth:
     """Wraps setuptools' editable strategy so the editable wheel also carries our .pth file."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001 - setuptools' private strategy object
+    def __init__(self, inner) -> None:
         self.inner = inner
 
-    def __call__(self, wheel, files, mapping) -> None:  # noqa: ANN001
+    def __call__(self, wheel, files, mapping) -> None:
         self.inner(wheel, files, mapping)
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainers", PTH)) as f:
             wheel.writestr(PTH, f.read())
@@ -38,12 +38,12 @@ class _StrategyWithPth:
         self.inner.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.inner.__exit__(*exc)
 
 
 class EditableWheelWithPth(editable_wheel):
-    def _select_strategy(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _select_strategy(self, *args, **kwargs):
         return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
 
 

@@ -85,7 +85,8 @@ class NetConfig:
             f"strides [1{', 2' * (self.stages - 1)}], 2 convs per stage (encoder and decoder), conv bias, "
             f"InstanceNorm3d(affine), LeakyReLU, deep supervision, {self.in_channels} input channel(s), "
             f"{self.num_classes} classes, batch {self.batch}, patch {self.patch}^3, "
-            f"add_experts(num_experts={self.experts}) with default ranks, SGD(momentum 0.99, nesterov), MSE loss"
+            f"add_experts(num_experts={self.experts}) with default ranks, "
+            "SGD(momentum 0.99, nesterov), MSE loss"
         )
 
 
@@ -330,7 +331,7 @@ def bench_conv(cfg: ConvConfig, device: torch.device, repeats: int, warmup: int,
     present = sorted(set(ids))
     config = (
         f"{cfg.describe()}; regions {present} present ({len(present)} of {cfg.experts}), "
-        f"shuffled order {ids if len(ids) <= 16 else ids[:16] + ['...']}"
+        f"shuffled order {ids if len(ids) <= 16 else [*ids[:16], '...']}"
     )
     return Section(
         f"{cfg.name} conv, forward + backward", config, [Row(n, t) for n, t in timings.items()], PLAIN, OURS
@@ -410,6 +411,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
+    except OSError:
+        return "unknown"
+
+
 def machine_description(device: torch.device) -> str:
     """One line naming everything that the numbers depend on."""
     parts = [
@@ -460,11 +468,18 @@ def evaluate_targets(sections: list[Section], device: torch.device, quick: bool)
         ratio = s.ms(s.ours) / s.ms(s.reference)
         if s.reference == PLAIN:
             name = s.title.split(" ")[0]
-            out.append(result(f"{name} expert conv / plain conv ({device.type})", ratio, TARGET_CONV_RATIO, True))
+            out.append(
+                result(f"{name} expert conv / plain conv ({device.type})", ratio, TARGET_CONV_RATIO, True)
+            )
             if name == "2D":
                 speedup = s.ms(OFFICIAL) / s.ms(s.ours)
                 out.append(
-                    result("2D official-style / ours (speed-up, B=64, T=8)", speedup, TARGET_OFFICIAL_SPEEDUP, False)
+                    result(
+                        "2D official-style / ours (speed-up, B=64, T=8)",
+                        speedup,
+                        TARGET_OFFICIAL_SPEEDUP,
+                        False,
+                    )
                 )
         else:
             limit = TARGET_NET_RATIO[device.type]
@@ -559,12 +574,24 @@ def _parser() -> argparse.ArgumentParser:
         "scheme and a per-sample loop, plus one routed U-Net training step against the plain network.",
     )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default: 3 CPU, 10 GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)")
-    p.add_argument("--markdown", type=Path, default=None, help="append the results as a markdown section to PATH")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per variant first (default: 3 CPU, 10 GPU)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)"
+    )
+    p.add_argument(
+        "--markdown", type=Path, default=None, help="append the results as a markdown section to PATH"
+    )
     p.add_argument("--skip-network", action="store_true", help="time the single convolutions only")
     return p
 
@@ -581,21 +608,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what nnU-Net training does
     repeats = args.repeats or (2 if args.quick else 50 if device.type == "cuda" else 15)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if device.type == "cuda" else 3)
+    warmup = (
+        args.warmup if args.warmup is not None else (1 if args.quick else 10 if device.type == "cuda" else 3)
+    )
     conv_configs = QUICK_CONV_CONFIGS if args.quick else CONV_CONFIGS
     net_config = QUICK_NET_CONFIG if args.quick else NET_CONFIGS[device.type]
 
     machine = machine_description(device)
     settings = (
-        f"device {device.type}, float32, median of {repeats} repeats after {warmup} warm-up calls per variant, "
+        f"device {device.type}, float32, median of {repeats} repeats after {warmup} warm-up calls each, "
         "variants interleaved (order rotated each repeat); times are forward + backward per call "
         "(input requires grad), or one whole training step"
     )
     print("LoRKD expert-convolution benchmark")
     print(f"machine: {machine}")
+    print(f"load average at start: {_load_average()}")
     print(f"settings: {settings}")
     if args.quick:
-        print("QUICK MODE: tiny sizes and 1-2 repeats; this is a smoke test of the code paths, NOT a measurement")
+        print("QUICK MODE: tiny sizes, 1-2 repeats; a smoke test of the code paths, NOT a measurement")
     print()
 
     sections: list[Section] = []
@@ -613,9 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         print("(quick mode: sizes differ from those the targets are defined on; no verdict is given)")
 
+    print(f"load average at end: {_load_average()} (other processes on the machine inflate the times)")
     if args.markdown is not None:
         command = "lorkd-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_markdown(args.markdown, markdown_section(sections, targets, device, machine, settings, command), device)
+        write_markdown(
+            args.markdown, markdown_section(sections, targets, device, machine, settings, command), device
+        )
         print(f"markdown section written to {args.markdown}")
     return 0
 

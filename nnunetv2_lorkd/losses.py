@@ -81,7 +81,9 @@ class DeepSupervisionPartialLoss(nn.Module):
     def set_class_mask(self, class_mask: torch.Tensor | None) -> None:
         self._class_mask = class_mask
 
-    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, outputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         if self._class_mask is None:
             raise RuntimeError("partial-label loss called without a class mask; call set_class_mask() for the batch")
         if isinstance(outputs, torch.Tensor):

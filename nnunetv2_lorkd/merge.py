@@ -361,7 +361,7 @@ def _load_source(folder: Path) -> _Source:
 # ------------------------------------------------------------------------------------------ label rewriting
 def _remap_label_file(src: str, dst: str, mapping: dict[int, int], dtype_name: str, dataset: str) -> None:
     """Write ``src`` with values replaced by ``mapping`` (other values are an error), geometry unchanged."""
-    import SimpleITK as sitk  # noqa: N813 (the usual alias)
+    import SimpleITK as sitk
 
     try:
         image = sitk.ReadImage(src)

@@ -1,4 +1,4 @@
-"""Smoke test of lorkd-bench, and proof that its reference schemes compute what ours computes (a fair race)."""
+"""Smoke test of lorkd-bench; its reference schemes must compute what ours computes (a fair race)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,11 @@ def test_quick_run_prints_tables_and_summary(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "machine: CPU" in out and "torch" in out
     assert "NOT a measurement" in out
-    for title in ("2D conv, forward + backward", "3D conv, forward + backward", "whole-network training step"):
+    for title in (
+        "2D conv, forward + backward",
+        "3D conv, forward + backward",
+        "whole-network training step",
+    ):
         assert title in out
     for variant in (bench.PLAIN, bench.OURS, bench.OFFICIAL, bench.OFFICIAL_MM, bench.LOOP, bench.PLAIN_NET):
         assert variant in out

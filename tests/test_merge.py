@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk  # noqa: N813
+import SimpleITK as sitk
 
 from nnunetv2_lorkd.merge import main
 from nnunetv2_lorkd.regions import RegionMap

@@ -34,9 +34,7 @@ def _module_types(net: nn.Module) -> dict[str, str]:
 def test_swap_covers_every_stage_conv_and_aliases(kind, dim):
     net = make_unet(kind, dim)
     convs_before = {
-        name
-        for name, m in net.named_modules()
-        if isinstance(m, nn.Conv2d | nn.Conv3d) and ".seg_layers." not in name
+        name for name, m in net.named_modules() if isinstance(m, nn.Conv2d | nn.Conv3d) and ".seg_layers." not in name
     }
     lines: list[str] = []
     add_experts(net, 3, rank=2, report=lines.append)
@@ -194,7 +192,9 @@ def test_add_experts_options_and_errors():
 
 
 def test_generic_network_and_grouped_convs_stay_shared():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
+    )
     lines: list[str] = []
     add_experts(net, 2, rank=2, report=lines.append)
     assert [type(m).__name__ for m in net] == ["ExpertConv2d", "ReLU", "Conv2d", "ExpertConv2d"]

@@ -7,10 +7,15 @@ implementation; the logic lives in ``nnunetv2_lorkd``.
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -28,6 +33,7 @@ from nnunetv2_lorkd.nnunet.runtime import (
     summarize_validation_by_region,
 )
 from nnunetv2_lorkd.regions import RegionMap
+from nnunetv2_lorkd.splits import region_stratified_splits
 
 REGION_DICE_KEY = "lorkd_region_dice"
 LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 2000, 4000)
@@ -48,7 +54,14 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
     # "balanced": every region gets the same share of samples; "cases": nnU-Net's uniform over cases
     lorkd_region_sampling: str = "balanced"
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise RuntimeError(
@@ -114,15 +127,29 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         return DeepSupervisionPartialLoss(loss, (weights / weights.sum()).tolist())
 
     # ------------------------------------------------------------------------------------------- data
-    def get_tr_and_val_datasets(self):  # noqa: ANN201 - nnU-Net's datasets
+    def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         if self.lorkd_region_sampling == "balanced":
-            dataset_tr.lorkd_sampling_probabilities = region_balanced_probabilities(dataset_tr.identifiers, self.region_map)
+            dataset_tr.lorkd_sampling_probabilities = region_balanced_probabilities(
+                dataset_tr.identifiers, self.region_map
+            )
         elif self.lorkd_region_sampling != "cases":
             raise ValueError(f"lorkd_region_sampling must be 'balanced' or 'cases', got {self.lorkd_region_sampling!r}")
         return dataset_tr, dataset_val
 
-    def get_dataloaders(self):  # noqa: ANN201 - nnU-Net's augmenters
+    def do_split(self):
+        """Without a splits_final.json (lorkd-merge writes one), create a region-stratified one instead of
+        nnU-Net's region-blind default."""
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if self.fold != "all" and not os.path.isfile(splits_file):
+            if self.dataset_class is None:
+                self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+            cases = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+            save_json(region_stratified_splits({c: self.region_map.region_of_case(c) for c in cases}), splits_file)
+            self.print_to_log_file(f"Created a region-stratified 5-fold split: {splits_file}")
+        return super().do_split()
+
+    def get_dataloaders(self):
         with balanced_loaders():
             return super().get_dataloaders()
 
@@ -144,9 +171,14 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         self.loss.set_class_mask(class_mask)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
-        with route(self.network, region_ids), (
-            autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        target = (
+            [t.to(self.device, non_blocking=True) for t in target]
+            if isinstance(target, list)
+            else target.to(self.device)
+        )
+        with (
+            route(self.network, region_ids),
+            autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context(),
         ):
             output = self.network(data)
             loss = self.loss(output, target)
@@ -164,11 +196,14 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         with np.errstate(invalid="ignore", divide="ignore"):  # classes not validated this epoch are NaN
             super().on_validation_epoch_end(val_outputs)
         dice = np.array(self.logger.get_value("dice_per_class_or_region", step=-1), dtype=float)
-        per_region = [float(np.nanmean(dice[np.array(v) - 1])) if np.isfinite(dice[np.array(v) - 1]).any() else float("nan")
-                      for v in (self.region_map.label_values(r) for r in range(self.region_map.num_regions))]
+        per_region = [
+            float(np.nanmean(dice[np.array(v) - 1])) if np.isfinite(dice[np.array(v) - 1]).any() else float("nan")
+            for v in (self.region_map.label_values(r) for r in range(self.region_map.num_regions))
+        ]
         self.logger.log(REGION_DICE_KEY, per_region, self.current_epoch)
         self.print_to_log_file(
-            "Pseudo dice per region: " + ", ".join(f"{n} {d:.4f}" for n, d in zip(self.region_map.names, per_region, strict=True))
+            "Pseudo dice per region: "
+            + ", ".join(f"{n} {d:.4f}" for n, d in zip(self.region_map.names, per_region, strict=True))
         )
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
@@ -190,7 +225,9 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         base_dataset_class = self.dataset_class
         self.dataset_class = ROUTED_DATASET_FOR.get(base_dataset_class, base_dataset_class)
         if self.dataset_class is base_dataset_class:
-            raise RuntimeError(f"nnUNetTrainerLoRKD cannot route validation cases of dataset class {base_dataset_class}")
+            raise RuntimeError(
+                f"nnUNetTrainerLoRKD cannot route validation cases of dataset class {base_dataset_class}"
+            )
         try:
             with case_hook(on_case):
                 super().perform_actual_validation(save_probabilities)
@@ -202,9 +239,6 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             self._summarize_by_region()
 
     def _summarize_by_region(self) -> None:
-        import json
-        import os
-
         summary_file = os.path.join(self.output_folder, "validation", "summary.json")
         if not os.path.isfile(summary_file):
             return
@@ -213,7 +247,8 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             json.dump(per_region, f, indent=2)
         for name, values in per_region.items():
             self.print_to_log_file(
-                f"Final validation, region {name}: mean Dice {values['mean_dice']:.4f} over {values['num_cases']} cases",
+                f"Final validation, region {name}: mean Dice {values['mean_dice']:.4f} "
+                f"over {values['num_cases']} cases",
                 also_print_to_console=True,
             )
 
@@ -221,7 +256,14 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
 class nnUNetTrainerLoRKD_smoke(nnUNetTrainerLoRKD):
     """One tiny epoch (10 training, 5 validation iterations): for smoke tests and CI."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1
         self.num_iterations_per_epoch = 10
@@ -229,13 +271,28 @@ class nnUNetTrainerLoRKD_smoke(nnUNetTrainerLoRKD):
 
 
 def _length_variant(epochs: int) -> type[nnUNetTrainerLoRKD]:
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")) -> None:
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
         nnUNetTrainerLoRKD.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
 
     name = f"nnUNetTrainerLoRKD_{epochs}epoch{'s' if epochs != 1 else ''}"
-    return type(name, (nnUNetTrainerLoRKD,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
-                                              "__doc__": f"nnUNetTrainerLoRKD for {epochs} epochs."})
+    return type(
+        name,
+        (nnUNetTrainerLoRKD,),
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"nnUNetTrainerLoRKD for {epochs} epochs.",
+        },
+    )
 
 
 # the same training lengths nnU-Net offers for nnUNetTrainer

@@ -24,7 +24,7 @@ from ..experts import add_experts, expert_layers, fuse_expert, route
 # width/depth presets; the teacher is ~30x the student (see docs/classification.md)
 ARCH_PRESETS: dict[str, dict[str, list[int]]] = {
     "student": {"widths": [16, 32, 64], "blocks": [1, 1, 1]},
-    "teacher": {"widths": [48, 96, 192], "blocks": [2, 2, 2]},
+    "teacher": {"widths": [32, 64, 128], "blocks": [2, 2, 2]},
 }
 
 

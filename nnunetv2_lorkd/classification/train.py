@@ -144,7 +144,7 @@ def train_model(
             scheduler.step()
             n = len(idx)
             seen += n
-            sums["loss"] += float(parts.total) * n
+            sums["loss"] += float(parts.total.detach()) * n
             sums["ce"] += float(parts.ce) * n
             sums["kd"] += float(parts.kd) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")

@@ -86,7 +86,9 @@ def add_experts(
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     encoder_ranks = tuple(int(r) for r in ranks) if ranks is not None else (rank,) * num_experts
     if len(encoder_ranks) != num_experts:
-        raise ValueError(f"ranks has {len(encoder_ranks)} entries but num_experts is {num_experts}; give one per expert")
+        raise ValueError(
+            f"ranks has {len(encoder_ranks)} entries but num_experts is {num_experts}; give one per expert"
+        )
     if any(r < 1 for r in encoder_ranks):
         raise ValueError(f"every rank must be >= 1, got {encoder_ranks}")
     if not isinstance(decoder_rank_factor, int) or decoder_rank_factor < 1:

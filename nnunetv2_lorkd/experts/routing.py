@@ -94,7 +94,9 @@ def _expert_layers(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, ExpertLayer)]
 
 
-def _as_plan(region_ids: int | Sequence[int] | torch.Tensor, num_experts: int, names: Sequence[str] | None) -> RoutingPlan:
+def _as_plan(
+    region_ids: int | Sequence[int] | torch.Tensor, num_experts: int, names: Sequence[str] | None
+) -> RoutingPlan:
     if isinstance(region_ids, torch.Tensor):
         if region_ids.dim() == 0:
             region_ids = int(region_ids)
@@ -117,7 +119,9 @@ def _as_plan(region_ids: int | Sequence[int] | torch.Tensor, num_experts: int, n
         valid = f"0..{num_experts - 1}"
         if names:
             valid += " (" + ", ".join(f"{i}={n}" for i, n in enumerate(names)) + ")"
-        raise RoutingError(f"region id(s) {bad} out of range: this network has {num_experts} experts, valid ids are {valid}")
+        raise RoutingError(
+            f"region id(s) {bad} out of range: this network has {num_experts} experts, valid ids are {valid}"
+        )
     return plan
 
 

@@ -17,7 +17,15 @@ from nnunetv2_lorkd.experts import add_experts
 from nnunetv2_lorkd.regions import RegionMap, RegionMapError
 
 PLANS_KEY = "lorkd_experts"
-_DATASET_KEYS = {"rank", "alpha", "decoder_rank_factor", "ranks", "fixed_scaling", "include_transposed", "include_seg_heads"}
+_DATASET_KEYS = {
+    "rank",
+    "alpha",
+    "decoder_rank_factor",
+    "ranks",
+    "fixed_scaling",
+    "include_transposed",
+    "include_seg_heads",
+}
 
 
 @dataclass(frozen=True)
@@ -38,18 +46,24 @@ class ExpertConfig:
         overrides = dict(dataset_json.get("lorkd", {}).get("experts", {}))
         unknown = set(overrides) - _DATASET_KEYS
         if unknown:
-            raise RegionMapError(f"dataset.json lorkd.experts has unknown keys {sorted(unknown)}; valid: {sorted(_DATASET_KEYS)}")
+            raise RegionMapError(
+                f"dataset.json lorkd.experts has unknown keys {sorted(unknown)}; valid: {sorted(_DATASET_KEYS)}"
+            )
         values.update(overrides)
         ranks = values.get("ranks")
         if isinstance(ranks, Mapping):  # per region name; unnamed regions keep `rank`
             bad = set(ranks) - set(region_map.names)
             if bad:
-                raise RegionMapError(f"lorkd.experts.ranks names unknown regions {sorted(bad)}; regions: {region_map.names}")
+                raise RegionMapError(
+                    f"lorkd.experts.ranks names unknown regions {sorted(bad)}; regions: {region_map.names}"
+                )
             ranks = tuple(int(ranks.get(n, values.get("rank", cls.rank))) for n in region_map.names)
         elif ranks is not None:
             ranks = tuple(int(r) for r in ranks)
             if len(ranks) != region_map.num_regions:
-                raise RegionMapError(f"lorkd.experts.ranks has {len(ranks)} entries for {region_map.num_regions} regions")
+                raise RegionMapError(
+                    f"lorkd.experts.ranks has {len(ranks)} entries for {region_map.num_regions} regions"
+                )
         values["ranks"] = ranks
         return cls(region_names=region_map.names, **{k: v for k, v in values.items() if k in _DATASET_KEYS})
 

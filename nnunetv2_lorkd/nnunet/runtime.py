@@ -36,10 +36,13 @@ def region_balanced_probabilities(case_ids: Sequence[str], region_map: RegionMap
 class RegionBalancedDataLoader(nnUNetDataLoader):
     """nnU-Net's data loader, sampling with the probabilities its dataset carries (if any)."""
 
-    def __init__(self, data, *args, sampling_probabilities=None, **kwargs):  # noqa: ANN001 - nnU-Net's signature
+    def __init__(self, data, *args, sampling_probabilities=None, **kwargs):
         probabilities = getattr(data, "lorkd_sampling_probabilities", None)
         super().__init__(
-            data, *args, sampling_probabilities=probabilities if probabilities is not None else sampling_probabilities, **kwargs
+            data,
+            *args,
+            sampling_probabilities=probabilities if probabilities is not None else sampling_probabilities,
+            **kwargs,
         )
 
 
@@ -64,7 +67,7 @@ class _RoutedCases:
     """Calls the active case hook before a case is loaded; nnU-Net's final validation predicts each case
     right after loading it, so the hook can route the network to that case's region."""
 
-    def load_case(self, identifier: str):  # noqa: ANN201 - same return as the base dataset
+    def load_case(self, identifier: str):
         if _case_hook is not None:
             _case_hook(identifier)
         return super().load_case(identifier)  # type: ignore[misc]
@@ -104,7 +107,7 @@ class OutputRestriction:
         excluded[list(channels)] = False
         self.excluded = excluded.to(device)
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor | list[torch.Tensor]):  # noqa: ANN202
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor | list[torch.Tensor]):
         if self.excluded is None:
             return output
         outputs = output if isinstance(output, list | tuple) else [output]
