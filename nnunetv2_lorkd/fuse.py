@@ -169,6 +169,8 @@ def verify_region(model: LoRKDModel, routed: nn.Module, weights: dict, region: i
         raise FuseError(f"--verify needs the preprocessed cases of region {model.region_map.names[region]} in {folder}")
     dataset = infer_dataset_class(folder)(folder, [cases[0]])
     data = np.asarray(dataset.load_case(cases[0])[0][:], dtype=np.float32)
+    if len(cm.patch_size) == 2:  # 2d configurations see single axial slices: take the middle one
+        data = data[:, data.shape[1] // 2]
     patch = []
     for size, want in zip(data.shape[1:], cm.patch_size, strict=True):
         start = max(0, (size - want) // 2)

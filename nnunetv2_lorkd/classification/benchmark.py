@@ -47,12 +47,12 @@ def machine_description(device: torch.device) -> str:
 
 @torch.no_grad()
 def evaluate_plain(
-    module: torch.nn.Module, task: TaskData, channels: int, size: int, device: torch.device
+    module: torch.nn.Module, task: TaskData, channels: int, size: int, device: torch.device, split: str = "test"
 ) -> dict[str, float]:
-    """ACC/AUC of a plain single-task module (e.g. an exported fused model) on the task's test split."""
-    data = assemble_split([task], "test", channels, size)
+    """ACC/AUC of a plain single-task module (e.g. an exported fused model) on one split of its task."""
+    data = assemble_split([task], split, channels, size)
     module = module.to(device)
-    probs = []
+    probs = [np.zeros((0, task.num_classes), np.float32)]
     for idx in iterate_batches(len(data), 512, shuffle=False):
         probs.append(torch.softmax(module(data.images[idx].float().to(device)), 1).cpu().numpy())
     return classification_metrics(data.labels.numpy(), np.concatenate(probs))
@@ -81,9 +81,7 @@ def _deployed(model: MultiTaskClassifier) -> int:
     return max(model.deployed_parameter_count(t) for t in range(len(model.heads)))
 
 
-def _row(
-    model: str, metrics: dict[str, dict], deployed: int, stored: int, seconds: float, note: str = ""
-) -> dict:
+def _row(model: str, metrics: dict[str, dict], deployed: int, stored: int, seconds: float, note: str = "") -> dict:
     return {
         "model": model,
         "metrics": metrics,
@@ -152,9 +150,7 @@ def run_benchmark(
     teacher = FrozenTeacher(teacher_model)
 
     # LoRKD: experts + KD, fused and exported, evaluated from the exported files
-    lorkd = MultiTaskClassifier(
-        make_config(task_specs, channels, size, "student", {"rank": rank, "alpha": alpha})
-    )
+    lorkd = MultiTaskClassifier(make_config(task_specs, channels, size, "student", {"rank": rank, "alpha": alpha}))
     t0 = time.perf_counter()
     history = train_model(lorkd, train, base, device, teacher=teacher, val=val, log=log, name="lorkd")
     seconds = time.perf_counter() - t0
@@ -164,9 +160,7 @@ def run_benchmark(
     fused_metrics = {}
     for item in exported:
         module, meta = load_exported(item["path"])
-        fused_metrics[meta["task"]] = evaluate_plain(
-            module, tasks[names.index(meta["task"])], channels, size, device
-        )
+        fused_metrics[meta["task"]] = evaluate_plain(module, tasks[names.index(meta["task"])], channels, size, device)
     max_diff = max(abs(fused_metrics[n]["acc"] - routed[n]["acc"]) for n in names)
     rows.append(
         _row(

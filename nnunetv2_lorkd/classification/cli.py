@@ -45,17 +45,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def load_tasks(
-    npz: Sequence[str] | None, csv: str | None, image_root: str | None, csv_size: int
-) -> list[TaskData]:
+def load_tasks(npz: Sequence[str] | None, csv: str | None, image_root: str | None, csv_size: int) -> list[TaskData]:
     """Tasks from MedMNIST .npz files and/or one RadImageNet-style CSV, names checked to be unique."""
     tasks = [load_medmnist_npz(p) for p in (npz or [])]
     if csv:
         tasks += load_radimagenet_csv(csv, image_root, csv_size)
     if not tasks:
-        raise DatasetFormatError(
-            "no data given; pass MedMNIST files with --data and/or a dataset CSV with --csv"
-        )
+        raise DatasetFormatError("no data given; pass MedMNIST files with --data and/or a dataset CSV with --csv")
     check_unique_names(tasks)
     return tasks
 
@@ -68,15 +64,9 @@ def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", metavar="NPZ", help="MedMNIST-format .npz files, one task each")
-    p.add_argument(
-        "--csv", help="RadImageNet-style CSV (filename,label,task,split); see docs/classification.md"
-    )
-    p.add_argument(
-        "--image-root", help="folder the CSV's filenames are relative to (default: the CSV's folder)"
-    )
-    p.add_argument(
-        "--csv-image-size", type=int, default=28, help="size CSV images are resized to (default 28)"
-    )
+    p.add_argument("--csv", help="RadImageNet-style CSV (filename,label,task,split); see docs/classification.md")
+    p.add_argument("--image-root", help="folder the CSV's filenames are relative to (default: the CSV's folder)")
+    p.add_argument("--csv-image-size", type=int, default=28, help="size CSV images are resized to (default 28)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
 
 
@@ -147,16 +137,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         _log(f"wrote {path}")
         teacher = FrozenTeacher(teacher_model)
     if teacher is None or args.kd_weight == 0:
-        _log(
-            "note: knowledge distillation is OFF (no teacher or --kd-weight 0); "
-            "the student learns from labels only"
-        )
+        _log("note: knowledge distillation is OFF (no teacher or --kd-weight 0); the student learns from labels only")
 
     experts = None if args.no_experts else {"rank": args.rank, "alpha": args.alpha}
     student = MultiTaskClassifier(make_config(specs, channels, size, "student", experts))
-    history = train_model(
-        student, train, settings, device, teacher=teacher, val=val, log=_log, name="student"
-    )
+    history = train_model(student, train, settings, device, teacher=teacher, val=val, log=_log, name="student")
     test_metrics = evaluate_split(student, test, device)
     path = save_checkpoint(
         out / "student.pt",
@@ -170,42 +155,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _evaluate_exported(model_path: Path, tasks: list[TaskData], split: str, device: torch.device) -> dict:
     from .benchmark import evaluate_plain
 
+    files = sorted(model_path.glob("*.pt2")) if model_path.is_dir() else [model_path]
+    if not files:
+        raise CheckpointError(f"{model_path}: no exported .pt2 models found; write them with `{PROG} fuse`")
+    by_name = {t.name: t for t in tasks}
+    metrics = {}
+    for f in files:
+        module, meta = load_exported(f)
+        if meta["task"] not in by_name:
+            _log(f"skip {f.name}: no data for task '{meta['task']}'")
+            continue
+        task = by_name[meta["task"]]
+        metrics[task.name] = evaluate_plain(module, task, meta["in_channels"], meta["image_size"], device, split)
+    if not metrics:
+        raise DatasetFormatError(f"no data task matches the exported models in {model_path}")
+    return metrics
+
+
+def _evaluate_checkpoint(model_path: Path, tasks: list[TaskData], split: str, device: torch.device) -> dict:
+    model, _ = load_checkpoint(model_path)
+    chosen = _select_for_model(tasks, model.task_names, str(model_path))
+    index = {n: i for i, n in enumerate(model.task_names)}
+    cfg = model.config
+    data = assemble_split(chosen, split, cfg["arch"]["in_channels"], cfg["image_size"], index)
+    return evaluate_split(model, data, device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     tasks = load_tasks(args.data, args.csv, args.image_root, args.csv_image_size)
     model_path = Path(args.model)
-    if model_path.is_dir() or model_path.suffix == ".pt2":
-        files = sorted(model_path.glob("*.pt2")) if model_path.is_dir() else [model_path]
-        if not files:
-            raise CheckpointError(
-                f"{model_path}: no exported .pt2 models found; write them with `{PROG} fuse`"
-            )
-        metrics = {}
-        by_name = {t.name: t for t in tasks}
-        for f in files:
-            module, meta = load_exported(f)
-            if meta["task"] not in by_name:
-                _log(f"skip {f.name}: no data for task '{meta['task']}'")
-                continue
-            task = by_name[meta["task"]]
-            if args.split != "test":
-                task = TaskData(
-                    task.name, task.class_names, {**task.splits, "test": task.splits[args.split]}, task.source
-                )
-            metrics[meta["task"]] = evaluate_plain(
-                module.eval(), task, meta["in_channels"], meta["image_size"], device
-            )
-        if not metrics:
-            raise DatasetFormatError(f"no data task matches the exported models in {model_path}")
-    else:
-        model, _ = load_checkpoint(model_path)
-        chosen = _select_for_model(tasks, model.task_names, str(model_path))
-        index = {n: i for i, n in enumerate(model.task_names)}
-        cfg = model.config
-        data = assemble_split(chosen, args.split, cfg["arch"]["in_channels"], cfg["image_size"], index)
-        metrics = evaluate_split(model, data, device)
+    exported = model_path.is_dir() or model_path.suffix == ".pt2"
+    metrics = (_evaluate_exported if exported else _evaluate_checkpoint)(model_path, tasks, args.split, device)
     _log(f"{args.split} metrics of {model_path}:\n{_metrics_table(metrics)}")
     if args.json:
         write_json(args.json, {"model": str(model_path), "split": args.split, "metrics": metrics})
@@ -262,10 +246,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=_log,
     )
-    _log(
-        f"wrote {Path(args.out) / 'benchmark.md'}; "
-        "labels are TotalSegmentator predictions, not manual annotations"
-    )
+    _log(f"wrote {Path(args.out) / 'benchmark.md'}; labels are TotalSegmentator predictions, not manual annotations")
     return 0
 
 
@@ -297,14 +278,10 @@ def _add_training_args(p: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="LoRKD for multi-task medical image classification."
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description="LoRKD for multi-task medical image classification.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "build-organmnist", help="build the OrganMNIST-style set from the TotalSegmentator example CT"
-    )
+    p = sub.add_parser("build-organmnist", help="build the OrganMNIST-style set from the TotalSegmentator example CT")
     p.add_argument("--out", required=True, help="output folder for organ{a,c,s}_ts[_SIZE].npz")
     p.add_argument("--sizes", type=int, nargs="+", default=[28], help="image sizes (default 28; e.g. 28 64)")
     p.add_argument(
@@ -317,18 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or load) a teacher, then the LoRKD student with KD")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder: teacher.pt, student.pt, metrics.json")
-    p.add_argument(
-        "--teacher", help="checkpoint of a trained teacher to distil from (skips teacher training)"
-    )
-    p.add_argument(
-        "--no-experts", action="store_true", help="plain multi-task student (shared backbone + heads)"
-    )
+    p.add_argument("--teacher", help="checkpoint of a trained teacher to distil from (skips teacher training)")
+    p.add_argument("--no-experts", action="store_true", help="plain multi-task student (shared backbone + heads)")
     p.add_argument("--image-size", type=int, help="resize every task to N x N (needed when sizes differ)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument(
-        "--shift", type=int, default=2, help="random-shift augmentation in pixels (default 2; 0 = off)"
-    )
+    p.add_argument("--shift", type=int, default=2, help="random-shift augmentation in pixels (default 2; 0 = off)")
     _add_training_args(p, epochs=10)
     p.set_defaults(func=cmd_train)
 
@@ -347,12 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="teacher vs LoRKD (fused) vs single-task vs MTL students, per task")
     p.add_argument("--out", required=True, help="folder for benchmark.md/.json and the models")
-    p.add_argument(
-        "--data", nargs="+", metavar="NPZ", help="MedMNIST-format files (default: the OrganMNIST-style set)"
-    )
-    p.add_argument(
-        "--data-dir", help="folder with organ{a,c,s}_ts.npz (built there if missing; default OUT/data)"
-    )
+    p.add_argument("--data", nargs="+", metavar="NPZ", help="MedMNIST-format files (default: the OrganMNIST-style set)")
+    p.add_argument("--data-dir", help="folder with organ{a,c,s}_ts.npz (built there if missing; default OUT/data)")
     p.add_argument("--cache-dir", help="download cache for building the set")
     p.add_argument("--device", default="auto")
     _add_training_args(p, epochs=12)

@@ -92,9 +92,7 @@ def _as_uint8_images(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype.kind not in "iuf" or (arr.size and (arr.min() < 0 or arr.max() > 255)):
-        raise _fail(
-            path, f"'{key}' has dtype {arr.dtype} with values outside 0..255; store uint8 pixel values"
-        )
+        raise _fail(path, f"'{key}' has dtype {arr.dtype} with values outside 0..255; store uint8 pixel values")
     if arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr)):
         raise _fail(path, f"'{key}' holds fractional values; store uint8 pixel values 0..255")
     return arr.astype(np.uint8)
@@ -118,9 +116,7 @@ def _as_labels(arr: np.ndarray, n_images: int, path: Path, key: str) -> np.ndarr
             f"'{images_key}' has {n_images} images but '{key}' has {arr.shape[0]} labels; "
             "every image needs exactly one label",
         )
-    if arr.dtype.kind not in "iuf" or (
-        arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr))
-    ):
+    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and arr.size and not np.array_equal(arr, np.round(arr))):
         raise _fail(path, f"'{key}' has dtype {arr.dtype}; labels must be integer class ids")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
@@ -145,9 +141,7 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise _fail(
-            path, f"not a readable .npz archive ({exc}); save it with numpy.savez[_compressed]"
-        ) from None
+        raise _fail(path, f"not a readable .npz archive ({exc}); save it with numpy.savez[_compressed]") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise _fail(path, "holds a single array, not an .npz archive with train/val/test images and labels")
     with archive:
@@ -159,10 +153,7 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
                 f"{', '.join(archive.files) or 'nothing'})",
             )
         try:
-            raw = {
-                k: archive[k]
-                for k in (*NPZ_KEYS, *([LABEL_NAMES_KEY] if LABEL_NAMES_KEY in archive.files else []))
-            }
+            raw = {k: archive[k] for k in (*NPZ_KEYS, *([LABEL_NAMES_KEY] if LABEL_NAMES_KEY in archive.files else []))}
         except ValueError as exc:
             raise _fail(path, f"holds Python objects ({exc}); store plain numeric arrays") from None
     splits: dict[str, SplitArrays] = {}
@@ -182,8 +173,7 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
         if names_arr.ndim != 1 or names_arr.dtype.kind != "U":
             raise _fail(
                 path,
-                f"'{LABEL_NAMES_KEY}' must be a 1-D array of strings, "
-                f"got {names_arr.dtype} {names_arr.shape}",
+                f"'{LABEL_NAMES_KEY}' must be a 1-D array of strings, got {names_arr.dtype} {names_arr.shape}",
             )
         class_names = tuple(str(n) for n in names_arr)
         source_of_count = f"'{LABEL_NAMES_KEY}' lists {len(class_names)} classes"
@@ -197,9 +187,7 @@ def load_medmnist_npz(path: str | Path, name: str | None = None) -> TaskData:
     for split, arrays in splits.items():
         if len(arrays) and int(arrays.labels.max()) >= k:
             bad = sorted({int(v) for v in arrays.labels[arrays.labels >= k]})[:5]
-            raise _fail(
-                path, f"'{split}_labels' has label(s) {bad} out of range 0..{k - 1} ({source_of_count})"
-            )
+            raise _fail(path, f"'{split}_labels' has label(s) {bad} out of range 0..{k - 1} ({source_of_count})")
     if k < 2:
         raise _fail(path, f"only {k} class found; a classification task needs at least 2 classes")
     return TaskData(name or path.stem, class_names, splits, str(path))
@@ -287,8 +275,7 @@ def assemble_split(
                 x = np.repeat(x, channels, axis=3)
             else:
                 raise DatasetFormatError(
-                    f"{task.source}: task '{task.name}' has RGB images "
-                    f"but the model takes {channels} channel(s)"
+                    f"{task.source}: task '{task.name}' has RGB images but the model takes {channels} channel(s)"
                 )
         images.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
         labels.append(torch.from_numpy(arrays.labels))

@@ -25,9 +25,7 @@ from .models import MultiTaskClassifier, PlainTaskClassifier, fuse_task
 META_NAME = "meta.json"
 
 
-def fusion_max_abs_diff(
-    model: MultiTaskClassifier, plain: PlainTaskClassifier, task: int, x: torch.Tensor
-) -> float:
+def fusion_max_abs_diff(model: MultiTaskClassifier, plain: PlainTaskClassifier, task: int, x: torch.Tensor) -> float:
     """max |routed(x, task) - fused(x)| in eval mode: fusion must not change what the model computes."""
     model.eval()
     plain.eval()
@@ -59,9 +57,7 @@ def export_fused_models(
     names = tasks or model.task_names
     unknown = [n for n in names if n not in model.task_names]
     if unknown:
-        raise ValueError(
-            f"unknown task(s) {', '.join(unknown)}; this model has {', '.join(model.task_names)}"
-        )
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; this model has {', '.join(model.task_names)}")
     cfg = model.config
     results = []
     probe = torch.rand(8, cfg["arch"]["in_channels"], cfg["image_size"], cfg["image_size"]) * 255
@@ -71,9 +67,7 @@ def export_fused_models(
         plain = fuse_task(model, t).eval()
         diff = fusion_max_abs_diff(model, plain, t, probe)
         if diff > tolerance:
-            raise RuntimeError(
-                f"fused model for '{name}' differs from the routed model by {diff:.3g} (> {tolerance})"
-            )
+            raise RuntimeError(f"fused model for '{name}' differs from the routed model by {diff:.3g} (> {tolerance})")
         meta = {
             "task": name,
             "class_names": cfg["tasks"][t]["class_names"],

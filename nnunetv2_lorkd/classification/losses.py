@@ -55,9 +55,7 @@ def multitask_loss(
         if teacher is not None:
             t_group = teacher_by_task[group.task]
             if not torch.equal(t_group.index, group.index):
-                raise RuntimeError(
-                    "teacher and student grouped the batch differently; pass the same task ids to both"
-                )
+                raise RuntimeError("teacher and student grouped the batch differently; pass the same task ids to both")
             kd = kd + share * kd_kl(group.logits, t_group.logits, temperature)
     total = ce + kd_weight * kd if teacher is not None else ce
     return LossParts(total, ce.detach(), kd.detach())

@@ -58,9 +58,7 @@ class LightResNet(nn.Module):
     def __init__(self, in_channels: int, widths: Sequence[int], blocks: Sequence[int]) -> None:
         super().__init__()
         if len(widths) != len(blocks) or not widths:
-            raise ValueError(
-                f"widths {list(widths)} and blocks {list(blocks)} need the same, non-zero length"
-            )
+            raise ValueError(f"widths {list(widths)} and blocks {list(blocks)} need the same, non-zero length")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -111,9 +109,7 @@ class MultiTaskClassifier(nn.Module):
         arch = config["arch"]
         self.task_names = [t["name"] for t in config["tasks"]]
         self.backbone = LightResNet(arch["in_channels"], arch["widths"], arch["blocks"])
-        self.heads = nn.ModuleList(
-            nn.Linear(self.backbone.feature_dim, len(t["class_names"])) for t in config["tasks"]
-        )
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.feature_dim, len(t["class_names"])) for t in config["tasks"])
         experts = config.get("experts")
         if experts:
             add_experts(
@@ -178,9 +174,7 @@ class PlainTaskClassifier(nn.Module):
 def fuse_task(model: MultiTaskClassifier, task: int) -> PlainTaskClassifier:
     """The plain per-task network: the expert merged into the conv weights (in float64), no expert classes."""
     if not 0 <= task < len(model.heads):
-        raise ValueError(
-            f"task {task} out of range 0..{len(model.heads) - 1} ({', '.join(model.task_names)})"
-        )
+        raise ValueError(f"task {task} out of range 0..{len(model.heads) - 1} ({', '.join(model.task_names)})")
     backbone = fuse_expert(model.backbone, task) if model.has_experts else copy.deepcopy(model.backbone)
     plain = PlainTaskClassifier(backbone, copy.deepcopy(model.heads[task]))
     return plain.train(model.training)

@@ -7,11 +7,12 @@ the same way from manually labelled CT (crop organ boxes from axial/coronal/sagi
 the label; docs real-data.md §7-8).
 
 Leakage-free split: the volume is first cut into z-slabs with the repeating pattern
-``test 4 | gap 2 | val 4 | gap 2 | train 8 | gap 2`` slices (from the feet up; 3 mm slices, so every
+``test 4 | gap 2 | val 2 | gap 2 | train 10 | gap 2`` slices (from the feet up; 3 mm slices, so every
 gap is 6 mm), and every slice of every plane is taken from inside one slab's sub-volume. A coronal or
 sagittal crop therefore only contains voxels of its own slab, and no voxel, organ part or slice of a test
-crop is in any train crop. The price: coronal/sagittal crops are at most one slab tall (12-24 mm), padded
-to a square. The pattern repeats so that organs that span only 20 slices (femurs) reach every split.
+crop is in any train crop. The price: coronal/sagittal crops are at most one slab tall (6-30 mm), padded
+to a square. The pattern repeats so that organs that span only ~18 slices (femurs) reach every split;
+validation gets the thinnest slabs because it only monitors training.
 
 Download and cache: ``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0`` into a temporary
 folder, sha256-check the sdist, extract the three files needed and check their sha256, then keep only
@@ -83,9 +84,9 @@ TASK_FILES = {"axial": "organa_ts", "coronal": "organc_ts", "sagittal": "organs_
 DEFAULT_PATTERN: tuple[tuple[str, int], ...] = (
     ("test", 4),
     ("gap", 2),
-    ("val", 4),
+    ("val", 2),
     ("gap", 2),
-    ("train", 8),
+    ("train", 10),
     ("gap", 2),
 )
 
@@ -170,9 +171,7 @@ def locate_source_files(source_dir: str | Path) -> dict[str, Path]:
                 found[name] = candidate
                 break
         else:
-            raise SourceError(
-                f"{source_dir}: {name} not found (looked for it flat and at {member}); copy it there"
-            )
+            raise SourceError(f"{source_dir}: {name} not found (looked for it flat and at {member}); copy it there")
     return found
 
 
@@ -180,9 +179,7 @@ def read_class_map(path: str | Path, key: str = "total") -> dict[int, str]:
     """TotalSegmentator's ``class_map[key]`` read as a literal (the file is parsed, never executed)."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets
-        ):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets):
             try:
                 class_map = ast.literal_eval(node.value)
             except ValueError as exc:
@@ -259,9 +256,7 @@ def _to_uint8(crops: list[np.ndarray], size: int, window: tuple[float, float]) -
     return out
 
 
-def load_volumes(
-    ct_path: str | Path, seg_path: str | Path
-) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def load_volumes(ct_path: str | Path, seg_path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """CT (HU, float32) and label map (int), both reoriented to RAS; they must share one isotropic grid."""
     import nibabel as nib
 
@@ -273,9 +268,7 @@ def load_volumes(
         )
     spacing = tuple(float(s) for s in ct_img.header.get_zooms()[:3])
     if max(spacing) > 1.01 * min(spacing):
-        raise SourceError(
-            f"{ct_path}: spacing {spacing} is not isotropic; resample CT and labels to isotropic first"
-        )
+        raise SourceError(f"{ct_path}: spacing {spacing} is not isotropic; resample CT and labels to isotropic first")
     ct = np.asarray(ct_img.dataobj, dtype=np.float32)
     seg = np.asarray(seg_img.dataobj).astype(np.int32)
     return ct, seg, spacing
@@ -331,9 +324,7 @@ def build_organmnist_style(
     layout = layout or SlabLayout()
     if not sizes or any(int(s) < 8 for s in sizes):
         raise ValueError(f"sizes {list(sizes)}: give one or more image sizes >= 8 (e.g. 28 64)")
-    files = (
-        locate_source_files(source_dir) if source_dir is not None else fetch_totalsegmentator_files(cache_dir)
-    )
+    files = locate_source_files(source_dir) if source_dir is not None else fetch_totalsegmentator_files(cache_dir)
     class_map = read_class_map(files["map_to_binary.py"])
     id_of = {name: cid for cid, name in class_map.items()}
     unknown = [c for c in classes if c not in id_of]
@@ -343,9 +334,7 @@ def build_organmnist_style(
     class_ids = [id_of[c] for c in classes]
     absent = [c for c, cid in zip(classes, class_ids, strict=True) if not (seg == cid).any()]
     if absent:
-        raise ValueError(
-            f"class(es) {', '.join(absent)} do not occur in the label map; choose classes that do"
-        )
+        raise ValueError(f"class(es) {', '.join(absent)} do not occur in the label map; choose classes that do")
     crops = extract_crops(ct, seg, class_ids, layout, min_pixels, margin, pad_value=window[0])
 
     out_dir = Path(out_dir)
@@ -365,9 +354,7 @@ def build_organmnist_style(
         ]
         for size in sizes:
             splits = {
-                split: SplitArrays(
-                    _to_uint8(c, int(size), window)[..., None], np.asarray(labels, dtype=np.int64)
-                )
+                split: SplitArrays(_to_uint8(c, int(size), window)[..., None], np.asarray(labels, dtype=np.int64))
                 for split, (c, labels) in per_split.items()
             }
             name = TASK_FILES[plane] + ("" if int(size) == 28 else f"_{int(size)}")

@@ -71,11 +71,10 @@ def _load_image(path: Path, csv_path: Path) -> np.ndarray:
             mode = im.mode
             if mode in ("I;16", "I;16B", "I", "F"):
                 raise DatasetFormatError(
-                    f"{csv_path}: image {path} is {mode} (16-bit/float); "
-                    "convert it to 8-bit grey or RGB first"
+                    f"{csv_path}: image {path} is {mode} (16-bit/float); convert it to 8-bit grey or RGB first"
                 )
             grey = mode in ("L", "1", "LA") or (mode == "P" and _palette_is_grey(im))
-            arr = np.asarray(im.convert("L" if grey else "RGB"))
+            arr = np.array(im.convert("L" if grey else "RGB"))
     except (OSError, UnidentifiedImageError) as exc:
         raise DatasetFormatError(f"{csv_path}: cannot read image {path} ({exc})") from None
     return arr[..., None] if arr.ndim == 2 else arr
@@ -107,9 +106,7 @@ def load_radimagenet_csv(
         classes = tuple(sorted({r["label"] for r in task_rows}))
         train_classes = {r["label"] for r in task_rows if r["split"] == "train"}
         if not train_classes:
-            raise DatasetFormatError(
-                f"{csv_path}: task '{name}' has no 'train' rows; every task needs training images"
-            )
+            raise DatasetFormatError(f"{csv_path}: task '{name}' has no 'train' rows; every task needs training images")
         unseen = sorted(set(classes) - train_classes)
         if unseen:
             raise DatasetFormatError(

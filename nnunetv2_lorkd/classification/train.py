@@ -83,9 +83,7 @@ def teacher_task_map(student: MultiTaskClassifier, teacher: FrozenTeacher) -> to
             )
         idx, names = teacher_tasks[task["name"]]
         if list(names) != list(task["class_names"]):
-            raise CheckpointError(
-                f"task '{task['name']}': the teacher's classes {names} differ from the data's"
-            )
+            raise CheckpointError(f"task '{task['name']}': the teacher's classes {names} differ from the data's")
         mapping.append(idx)
     return torch.tensor(mapping, dtype=torch.long)
 
@@ -124,13 +122,9 @@ def train_model(
         seen = 0
         start = time.perf_counter()
         batches = list(iterate_batches(len(train), settings.batch_size, shuffle=True, generator=gen))
-        bar = tqdm(
-            batches, desc=f"{name} {epoch}/{settings.epochs}", leave=False, disable=not settings.progress
-        )
+        bar = tqdm(batches, desc=f"{name} {epoch}/{settings.epochs}", leave=False, disable=not settings.progress)
         for idx in bar:
-            x = random_shift(train.images[idx].float(), settings.augment_shift, gen).to(
-                device, non_blocking=True
-            )
+            x = random_shift(train.images[idx].float(), settings.augment_shift, gen).to(device, non_blocking=True)
             y = train.labels[idx].to(device, non_blocking=True)
             ids = train.task_ids[idx]
             out = model(x, ids)
@@ -164,9 +158,7 @@ def train_model(
         if val is not None and len(val):
             metrics = evaluate_split(model, val, device, settings.batch_size * 2)
             record["val"] = metrics
-            line += " | val " + ", ".join(
-                f"{k} acc {m['acc']:.3f} auc {m['auc']:.3f}" for k, m in metrics.items()
-            )
+            line += " | val " + ", ".join(f"{k} acc {m['acc']:.3f} auc {m['auc']:.3f}" for k, m in metrics.items())
         history.append(record)
         log(line)
     model.eval()
@@ -222,9 +214,7 @@ def save_checkpoint(
     return save_torch(path, payload)
 
 
-def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[MultiTaskClassifier, dict]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiTaskClassifier, dict]:
     """Rebuild a model from one of our checkpoints (weights_only=True: no code in the file is run)."""
     path = Path(path)
     if not path.is_file():
@@ -234,9 +224,7 @@ def load_checkpoint(
     except Exception as exc:  # torch raises several types for foreign or corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path}: not an nnunetv2_lorkd classification checkpoint (format {CHECKPOINT_FORMAT})"
-        )
+        raise CheckpointError(f"{path}: not an nnunetv2_lorkd classification checkpoint (format {CHECKPOINT_FORMAT})")
     model = MultiTaskClassifier(payload["config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()

@@ -24,8 +24,15 @@ def class_images(rng: np.random.Generator, labels: np.ndarray, size: int = 12, r
     return np.repeat(x[..., None], 3, axis=3) if rgb else x
 
 
-def write_npz(path: Path, num_classes: int, n: tuple[int, int, int] = (24, 8, 8), size: int = 12,
-              rgb: bool = False, seed: int = 0, **overrides: np.ndarray) -> Path:
+def write_npz(
+    path: Path,
+    num_classes: int,
+    n: tuple[int, int, int] = (24, 8, 8),
+    size: int = 12,
+    rgb: bool = False,
+    seed: int = 0,
+    **overrides: np.ndarray,
+) -> Path:
     """A valid MedMNIST-format file (grey (N,H,W) or RGB (N,H,W,3), labels (N,1)); overrides replace keys."""
     rng = np.random.default_rng(seed)
     arrays = {}
@@ -39,8 +46,13 @@ def write_npz(path: Path, num_classes: int, n: tuple[int, int, int] = (24, 8, 8)
     return path
 
 
-def tiny_model(class_counts: tuple[int, ...] = (3, 2, 4), experts: bool = True, in_channels: int = 1,
-               size: int = 12, arch: dict | None = None) -> MultiTaskClassifier:
+def tiny_model(
+    class_counts: tuple[int, ...] = (3, 2, 4),
+    experts: bool = True,
+    in_channels: int = 1,
+    size: int = 12,
+    arch: dict | None = None,
+) -> MultiTaskClassifier:
     specs = [(f"task{i}", [str(c) for c in range(k)]) for i, k in enumerate(class_counts)]
     config = make_config(specs, in_channels, size, "student", {"rank": 2, "alpha": 8.0} if experts else None)
     config["arch"].update(arch or TINY_ARCH)
