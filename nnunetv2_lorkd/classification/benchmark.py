@@ -99,8 +99,8 @@ def run_benchmark(
     out_dir: str | Path,
     *,
     device: torch.device,
-    teacher_epochs: int = 12,
-    student_epochs: int = 12,
+    teacher_epochs: int = 15,
+    student_epochs: int = 20,
     seed: int = 0,
     rank: int = 2,
     alpha: float = 8.0,
@@ -109,16 +109,16 @@ def run_benchmark(
     batch_size: int = 128,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    data_note: str = "",
 ) -> dict[str, Any]:
-    """Train the four kinds of model on `tasks`, evaluate each on the test splits, write benchmark.md."""
+    """Train the four kinds of model on `tasks`, evaluate each on the test splits, write benchmark.md.
+
+    `data_note` (e.g. where the labels come from) is written at the top of the report."""
     out_dir = Path(out_dir)
     check_unique_names(tasks)
     channels, size = common_geometry(tasks)
     names = [t.name for t in tasks]
     task_specs = [(t.name, t.class_names) for t in tasks]
-    train = assemble_split(tasks, "train", channels, size)
-    val = assemble_split(tasks, "val", channels, size)
-    test = assemble_split(tasks, "test", channels, size)
     base = TrainSettings(
         epochs=student_epochs,
         batch_size=batch_size,
@@ -127,66 +127,77 @@ def run_benchmark(
         seed=seed,
         progress=progress,
     )
-    rows = []
     start_all = time.perf_counter()
-
     sizes = ", ".join(f"{t.name}: {len(t.splits['train'])} train" for t in tasks)
     log(f"benchmark: {len(tasks)} tasks ({sizes}) on {device}")
+
+    def fit(
+        model: MultiTaskClassifier,
+        name: str,
+        data: Sequence[TaskData],
+        settings: TrainSettings,
+        teacher: FrozenTeacher | None,
+    ) -> float:
+        """Train on `data`'s train split (validating on its val split), save, return the seconds taken."""
+        t0 = time.perf_counter()
+        split = {s: assemble_split(data, s, channels, size) for s in ("train", "val")}
+        history = train_model(
+            model, split["train"], settings, device, teacher=teacher, val=split["val"], log=log, name=name
+        )
+        seconds = time.perf_counter() - t0
+        kind = "teacher" if teacher is None else "student"
+        save_checkpoint(out_dir / f"{name.replace(':', '_')}.pt", model, kind, history)
+        return seconds
+
+    def test_metrics(model: MultiTaskClassifier, data: Sequence[TaskData]) -> dict[str, dict]:
+        return evaluate_split(model, assemble_split(data, "test", channels, size), device)
+
+    rows = []
     teacher_model = MultiTaskClassifier(make_config(task_specs, channels, size, "teacher"))
-    t0 = time.perf_counter()
-    t_settings = TrainSettings(**{**settings_dict(base), "epochs": teacher_epochs})
-    history = train_model(teacher_model, train, t_settings, device, val=val, log=log, name="teacher")
-    t_seconds = time.perf_counter() - t0
-    save_checkpoint(out_dir / "teacher.pt", teacher_model, "teacher", history)
+    seconds = fit(
+        teacher_model, "teacher", tasks, TrainSettings(**{**settings_dict(base), "epochs": teacher_epochs}), None
+    )
     rows.append(
         _row(
             "teacher (larger ResNet, MTL, per-task heads)",
-            evaluate_split(teacher_model, test, device),
+            test_metrics(teacher_model, tasks),
             _deployed(teacher_model),
             teacher_model.stored_parameter_count(),
-            t_seconds,
+            seconds,
         )
     )
     teacher = FrozenTeacher(teacher_model)
 
-    # LoRKD: experts + KD, fused and exported, evaluated from the exported files
+    # LoRKD: experts + KD; scored from the exported fused files, i.e. what is deployed
     lorkd = MultiTaskClassifier(make_config(task_specs, channels, size, "student", {"rank": rank, "alpha": alpha}))
-    t0 = time.perf_counter()
-    history = train_model(lorkd, train, base, device, teacher=teacher, val=val, log=log, name="lorkd")
-    seconds = time.perf_counter() - t0
-    save_checkpoint(out_dir / "lorkd.pt", lorkd, "student", history)
-    routed = evaluate_split(lorkd, test, device)
+    seconds = fit(lorkd, "lorkd", tasks, base, teacher)
+    routed = test_metrics(lorkd, tasks)
     exported = export_fused_models(lorkd, out_dir / "fused")
-    fused_metrics = {}
+    fused = {}
     for item in exported:
         module, meta = load_exported(item["path"])
-        fused_metrics[meta["task"]] = evaluate_plain(module, tasks[names.index(meta["task"])], channels, size, device)
-    max_diff = max(abs(fused_metrics[n]["acc"] - routed[n]["acc"]) for n in names)
+        fused[meta["task"]] = evaluate_plain(module, tasks[names.index(meta["task"])], channels, size, device)
+    note = (
+        f"fused vs routed: max logit diff {max(e['max_abs_diff_vs_routed'] for e in exported):.2e}, "
+        f"max ACC diff {max(abs(fused[n]['acc'] - routed[n]['acc']) for n in names):.3f}"
+    )
     rows.append(
         _row(
             f"LoRKD student (experts r={rank}, fused)",
-            fused_metrics,
+            fused,
             _deployed(lorkd),
             lorkd.stored_parameter_count(),
             seconds,
-            f"fused vs routed: max logit diff {max(e['max_abs_diff_vs_routed'] for e in exported):.2e}, "
-            f"max ACC diff {max_diff:.3f}",
+            note,
         )
     )
 
     # MTL: the same light network, shared backbone and per-task heads, no experts
     mtl = MultiTaskClassifier(make_config(task_specs, channels, size, "student"))
-    t0 = time.perf_counter()
-    history = train_model(mtl, train, base, device, teacher=teacher, val=val, log=log, name="mtl")
-    seconds = time.perf_counter() - t0
-    save_checkpoint(out_dir / "mtl.pt", mtl, "student", history)
+    seconds = fit(mtl, "mtl", tasks, base, teacher)
     rows.append(
         _row(
-            "MTL student (no experts)",
-            evaluate_split(mtl, test, device),
-            _deployed(mtl),
-            mtl.stored_parameter_count(),
-            seconds,
+            "MTL student (no experts)", test_metrics(mtl, tasks), _deployed(mtl), mtl.stored_parameter_count(), seconds
         )
     )
 
@@ -194,29 +205,11 @@ def run_benchmark(
     single_metrics, single_params, seconds = {}, [], 0.0
     for task in tasks:
         model = MultiTaskClassifier(make_config([(task.name, task.class_names)], channels, size, "student"))
-        t0 = time.perf_counter()
-        history = train_model(
-            model,
-            assemble_split([task], "train", channels, size),
-            base,
-            device,
-            teacher=teacher,
-            val=assemble_split([task], "val", channels, size),
-            log=log,
-            name=f"single:{task.name}",
-        )
-        seconds += time.perf_counter() - t0
-        save_checkpoint(out_dir / f"single_{task.name}.pt", model, "student", history)
-        single_metrics.update(evaluate_split(model, assemble_split([task], "test", channels, size), device))
+        seconds += fit(model, f"single:{task.name}", [task], base, teacher)
+        single_metrics.update(test_metrics(model, [task]))
         single_params.append(model.stored_parameter_count())
     rows.append(
-        _row(
-            "single-task students (one net per task)",
-            single_metrics,
-            max(single_params),
-            sum(single_params),
-            seconds,
-        )
+        _row("single-task students (one net per task)", single_metrics, max(single_params), sum(single_params), seconds)
     )
 
     results = {
@@ -227,13 +220,15 @@ def run_benchmark(
         "settings": {**settings_dict(base), "teacher_epochs": teacher_epochs, "rank": rank, "alpha": alpha},
         "rows": rows,
         "total_seconds": time.perf_counter() - start_all,
+        "data_note": data_note,
     }
     table = markdown_table(results)
     notes = "\n".join(f"- {r['model']}: {r['note']}" for r in rows if r["note"])
     write_json(out_dir / "benchmark.json", results)
     write_text(
         out_dir / "benchmark.md",
-        f"Machine: {results['machine']}; total {results['total_seconds']:.0f} s; seed {seed}; "
+        (f"{data_note}\n\n" if data_note else "")
+        + f"Machine: {results['machine']}; total {results['total_seconds']:.0f} s; seed {seed}; "
         f"test images per task: {results['test_sizes']}\n\n{table}\n\n{notes}\n",
     )
     log(table)

@@ -13,6 +13,7 @@ written beside it as ``<task>.json``. Loading needs only torch::
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def export_fused_models(
     cfg = model.config
     results = []
     probe = torch.rand(8, cfg["arch"]["in_channels"], cfg["image_size"], cfg["image_size"]) * 255
-    model = model.cpu().eval()
+    model = copy.deepcopy(model).cpu().eval()  # export on CPU; the caller's model keeps its device and mode
     for name in names:
         t = model.task_names.index(name)
         plain = fuse_task(model, t).eval()

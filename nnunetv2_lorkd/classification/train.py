@@ -88,6 +88,20 @@ def teacher_task_map(student: MultiTaskClassifier, teacher: FrozenTeacher) -> to
     return torch.tensor(mapping, dtype=torch.long)
 
 
+def _teacher_groups_for(
+    student: MultiTaskClassifier, teacher: FrozenTeacher
+) -> Callable[[torch.Tensor, torch.Tensor], list[TaskGroup]]:
+    """The teacher's logits for a batch, grouped and keyed by the *student's* task ids (the teacher may
+    know more tasks, in another order)."""
+    t_map = teacher_task_map(student, teacher)
+    to_student = {int(t): s for s, t in enumerate(t_map.tolist())}
+
+    def groups(x: torch.Tensor, ids: torch.Tensor) -> list[TaskGroup]:
+        return [TaskGroup(to_student[g.task], g.index, g.logits) for g in teacher(x, t_map[ids])]
+
+    return groups
+
+
 def train_model(
     model: MultiTaskClassifier,
     train: MultiTaskSplit,
@@ -106,12 +120,9 @@ def train_model(
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     model.to(device)
-    kd_on = teacher is not None and settings.kd_weight > 0
-    t_map = None
-    if teacher is not None:
-        teacher.to(device)
-        t_map = teacher_task_map(model, teacher)
-        to_student = {int(t): s for s, t in enumerate(t_map.tolist())}
+    teacher_groups = None
+    if teacher is not None and settings.kd_weight > 0:
+        teacher_groups = _teacher_groups_for(model, teacher.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * math.ceil(len(train) / settings.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
@@ -128,9 +139,7 @@ def train_model(
             y = train.labels[idx].to(device, non_blocking=True)
             ids = train.task_ids[idx]
             out = model(x, ids)
-            t_out = None
-            if kd_on and teacher is not None and t_map is not None:  # re-key teacher groups by student task
-                t_out = [TaskGroup(to_student[g.task], g.index, g.logits) for g in teacher(x, t_map[ids])]
+            t_out = teacher_groups(x, ids) if teacher_groups is not None else None
             parts = multitask_loss(out, y, t_out, settings.kd_weight, settings.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
@@ -145,7 +154,7 @@ def train_model(
         record: dict[str, Any] = {
             "epoch": epoch,
             **{k: v / max(1, seen) for k, v in sums.items()},
-            "kd_weight": settings.kd_weight if kd_on else 0.0,
+            "kd_weight": settings.kd_weight if teacher_groups is not None else 0.0,
             "kd_temperature": settings.kd_temperature,
             "lr": scheduler.get_last_lr()[0],
             "seconds": time.perf_counter() - start,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,15 @@ def randomize(model: MultiTaskClassifier, seed: int = 0) -> MultiTaskClassifier:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
     return model
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny test models gain nothing from intra-op threads, and on a busy 2-core machine two threads per
+    process thrash (a 3 s test took 20 s); one thread keeps the suite's time stable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

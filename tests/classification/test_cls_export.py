@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
-from cls_helpers import randomize, tiny_model
+from cls_helpers import one_torch_thread, randomize, tiny_model
 
 from nnunetv2_lorkd.classification.export import export_fused_models, load_exported
 
@@ -29,6 +31,12 @@ x = torch.load(input_path, weights_only=True)
 torch.save({"logits": module(x), "meta": json.loads(extra["meta.json"])}, output_path)
 print("modules loaded:", sorted(m for m in sys.modules if m.split(".")[0] == "nnunetv2_lorkd"))
 """
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 def test_fused_model_loads_without_the_package(tmp_path: Path) -> None:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
-from cls_helpers import randomize, tiny_model
+from cls_helpers import one_torch_thread, randomize, tiny_model
 
 from nnunetv2_lorkd.classification.data import MultiTaskSplit
 from nnunetv2_lorkd.classification.losses import kd_kl, multitask_loss
 from nnunetv2_lorkd.classification.models import FrozenTeacher, fuse_task
 from nnunetv2_lorkd.classification.train import TrainSettings, load_checkpoint, save_checkpoint, train_model
 from nnunetv2_lorkd.experts import ExpertLayer, expert_layers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 def _batch(n: int = 10, channels: int = 1, size: int = 12, seed: int = 0) -> torch.Tensor:
