@@ -1,9 +1,10 @@
 """Speed of LoRKD expert convolutions next to a plain conv, the official EKS scheme and a per-sample loop.
 
 Run ``lorkd-bench`` (or ``python -m nnunetv2_lorkd.bench``). All variants of one configuration are timed in
-the same process and interleaved (the order rotates every repeat), so drifting clocks or noisy neighbours hit
-every variant alike; each time is forward + backward (or a whole SGD step), and the median over repeats is
-reported after warm-up calls.
+the same process and interleaved (the order rotates every repeat), so slow drift (clocks, caches) hits every
+variant alike; each time is forward + backward (or a whole SGD step), and the median over repeats is reported
+after warm-up calls. Other processes competing for the CPU still distort the ratios, so the run reports the
+CPU they took.
 
 The "official-style" variant is a reimplementation, from the description in lorkd-method.md §2.2, of the
 scheme in the LoRKD reference code: build every expert's delta on every call, aggregate one weight per
@@ -276,7 +277,9 @@ def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
         t.grad = None
 
 
-def bench_conv(cfg: ConvConfig, device: torch.device, repeats: int, warmup: int, seed: int = 0) -> Section:
+def bench_conv(
+    cfg: ConvConfig, device: torch.device, repeats: int, warmup: int, min_sample_s: float = 0.02, seed: int = 0
+) -> Section:
     """Forward + backward of one conv layer under every scheme, on the same input and parameters."""
     torch.manual_seed(seed)
     conv_cls = nn.Conv2d if cfg.dim == 2 else nn.Conv3d
@@ -327,15 +330,13 @@ def bench_conv(cfg: ConvConfig, device: torch.device, repeats: int, warmup: int,
         OFFICIAL_MM: official("matmul"),
         LOOP: run_loop,
     }
-    timings = time_interleaved(variants, device, repeats, warmup)
+    timings = time_interleaved(variants, device, repeats, warmup, min_sample_s)
     present = sorted(set(ids))
     config = (
         f"{cfg.describe()}; regions {present} present ({len(present)} of {cfg.experts}), "
         f"shuffled order {ids if len(ids) <= 16 else [*ids[:16], '...']}"
     )
-    return Section(
-        f"{cfg.name} conv, forward + backward", config, [Row(n, t) for n, t in timings.items()], PLAIN, OURS
-    )
+    return Section(f"{cfg.name} conv, forward + backward", config, [Row(n, t) for n, t in timings.items()], PLAIN, OURS)
 
 
 def build_unet(cfg: NetConfig) -> nn.Module:
@@ -361,7 +362,9 @@ def build_unet(cfg: NetConfig) -> nn.Module:
     )
 
 
-def bench_network(cfg: NetConfig, device: torch.device, repeats: int, warmup: int, seed: int = 0) -> Section:
+def bench_network(
+    cfg: NetConfig, device: torch.device, repeats: int, warmup: int, min_sample_s: float = 0.02, seed: int = 0
+) -> Section:
     """One training step (forward, MSE loss over the deep-supervision outputs, backward, SGD step)."""
     torch.manual_seed(seed)
     plain = build_unet(cfg)
@@ -390,13 +393,11 @@ def bench_network(cfg: NetConfig, device: torch.device, repeats: int, warmup: in
         return step
 
     timings = time_interleaved(
-        {PLAIN_NET: step_fn(plain, None), OURS_NET: step_fn(routed, ids)}, device, repeats, warmup
+        {PLAIN_NET: step_fn(plain, None), OURS_NET: step_fn(routed, ids)}, device, repeats, warmup, min_sample_s
     )
     n_expert_convs = len(expert_layers(routed))
-    config = f"{cfg.describe()}; {n_expert_convs} expert convs; regions of the 2 samples: {ids}"
-    return Section(
-        "whole-network training step", config, [Row(n, t) for n, t in timings.items()], PLAIN_NET, OURS_NET
-    )
+    config = f"{cfg.describe()}; {n_expert_convs} expert convs; regions of the {cfg.batch} samples: {ids}"
+    return Section("whole-network training step", config, [Row(n, t) for n, t in timings.items()], PLAIN_NET, OURS_NET)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -411,11 +412,74 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def _load_average() -> str:
+def cpu_busy_fraction(window_s: float = 1.0) -> float | None:
+    """The share of all cores busy during `window_s` (from /proc/stat): before we start, that is others."""
+
+    def read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
     try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1, 5, 15 min; {os.cpu_count()} cores)"
-    except OSError:
-        return "unknown"
+        total0, idle0 = read()
+        time.sleep(window_s)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def _cpu_ticks_by_pid() -> dict[int, int]:
+    ticks = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks
+
+
+class ForeignLoad:
+    """CPU time that other processes take while the benchmark runs, as a share of all cores.
+
+    On a shared machine their load distorts, not only slows, the timings: with OpenMP threads descheduled
+    at random, many small ops suffer more than one large conv, so even interleaved ratios drift.
+    """
+
+    def __init__(self) -> None:
+        self.before = cpu_busy_fraction()
+        self._ticks = _cpu_ticks_by_pid() if Path("/proc/self/stat").exists() else None
+        self._start = time.perf_counter()
+
+    def during(self) -> float | None:
+        if self._ticks is None:
+            return None
+        wall = time.perf_counter() - self._start
+        now, me = _cpu_ticks_by_pid(), os.getpid()
+        used = sum(t - self._ticks.get(pid, 0) for pid, t in now.items() if pid != me)
+        return max(used, 0) / os.sysconf("SC_CLK_TCK") / max(wall * (os.cpu_count() or 1), 1e-9)
+
+    @staticmethod
+    def pct(value: float | None) -> str:
+        return "unknown" if value is None else f"{value:.0%}"
+
+    def describe(self, during: float | None) -> str:
+        return (
+            f"CPU taken by other processes: {self.pct(self.before)} of all cores just before the run, "
+            f"{self.pct(during)} during it"
+        )
+
+    def warning(self, during: float | None = None) -> str | None:
+        worst = max((v for v in (self.before, during) if v is not None), default=None)
+        if worst is None or worst <= 0.2:
+            return None
+        return (
+            f"WARNING: other processes took up to {worst:.0%} of the CPU around this run; they compete for "
+            "the cores, so these numbers are not representative"
+        )
 
 
 def machine_description(device: torch.device) -> str:
@@ -468,9 +532,7 @@ def evaluate_targets(sections: list[Section], device: torch.device, quick: bool)
         ratio = s.ms(s.ours) / s.ms(s.reference)
         if s.reference == PLAIN:
             name = s.title.split(" ")[0]
-            out.append(
-                result(f"{name} expert conv / plain conv ({device.type})", ratio, TARGET_CONV_RATIO, True)
-            )
+            out.append(result(f"{name} expert conv / plain conv ({device.type})", ratio, TARGET_CONV_RATIO, True))
             if name == "2D":
                 speedup = s.ms(OFFICIAL) / s.ms(s.ours)
                 out.append(
@@ -513,6 +575,7 @@ def markdown_section(
     machine: str,
     settings: str,
     command: str,
+    load: str = "",
 ) -> str:
     """The results of one run as a markdown subsection (machine, settings, tables, targets)."""
     label = "GPU" if device.type == "cuda" else "CPU"
@@ -527,6 +590,8 @@ def markdown_section(
         f"Settings: {settings}",
         "",
     ]
+    if load:
+        lines += [f"Machine load: {load}", ""]
     for s in sections:
         ref, ours = s.ms(s.reference), s.ms(s.ours)
         lines += [
@@ -567,6 +632,13 @@ def write_markdown(path: Path, section: str, device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- main
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorkd-bench",
@@ -574,24 +646,16 @@ def _parser() -> argparse.ArgumentParser:
         "scheme and a per-sample loop, plus one routed U-Net training step against the plain network.",
     )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
     p.add_argument(
-        "--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}"
+        "--repeats", type=_positive_int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
     )
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default: 3 CPU, 10 GPU)")
     p.add_argument(
-        "--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement"
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own setting)"
     )
-    p.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
-    )
-    p.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls per variant first (default: 3 CPU, 10 GPU)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own setting)"
-    )
-    p.add_argument(
-        "--markdown", type=Path, default=None, help="append the results as a markdown section to PATH"
-    )
+    p.add_argument("--markdown", type=Path, default=None, help="append the results as a markdown section to PATH")
     p.add_argument("--skip-network", action="store_true", help="time the single convolutions only")
     return p
 
@@ -608,10 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what nnU-Net training does
     repeats = args.repeats or (2 if args.quick else 50 if device.type == "cuda" else 15)
-    warmup = (
-        args.warmup if args.warmup is not None else (1 if args.quick else 10 if device.type == "cuda" else 3)
-    )
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 10 if device.type == "cuda" else 3)
     conv_configs = QUICK_CONV_CONFIGS if args.quick else CONV_CONFIGS
+    min_sample_s = 0.0 if args.quick else 0.02  # quick: one call per sample, it is no measurement
     net_config = QUICK_NET_CONFIG if args.quick else NET_CONFIGS[device.type]
 
     machine = machine_description(device)
@@ -620,9 +683,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "variants interleaved (order rotated each repeat); times are forward + backward per call "
         "(input requires grad), or one whole training step"
     )
+    if args.quick:
+        settings = "QUICK MODE (tiny sizes, not a measurement); " + settings
     print("LoRKD expert-convolution benchmark")
     print(f"machine: {machine}")
-    print(f"load average at start: {_load_average()}")
+    foreign = ForeignLoad()  # a GPU run is host-bound at these sizes, so the host's load matters there too
+    print(f"CPU taken by other processes just before the run: {foreign.pct(foreign.before)} of all cores")
+    if foreign.warning():
+        print(foreign.warning())
     print(f"settings: {settings}")
     if args.quick:
         print("QUICK MODE: tiny sizes, 1-2 repeats; a smoke test of the code paths, NOT a measurement")
@@ -630,10 +698,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sections: list[Section] = []
     for cfg in conv_configs:
-        sections.append(bench_conv(cfg, device, repeats, warmup))
+        sections.append(bench_conv(cfg, device, repeats, warmup, min_sample_s))
         print("\n".join(format_section(sections[-1])), end="\n\n", flush=True)
     if not args.skip_network:
-        sections.append(bench_network(net_config, device, repeats, warmup))
+        sections.append(bench_network(net_config, device, repeats, warmup, min_sample_s))
         print("\n".join(format_section(sections[-1])), end="\n\n", flush=True)
 
     targets = evaluate_targets(sections, device, args.quick)
@@ -643,11 +711,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         print("(quick mode: sizes differ from those the targets are defined on; no verdict is given)")
 
-    print(f"load average at end: {_load_average()} (other processes on the machine inflate the times)")
+    during = foreign.during()
+    warning = foreign.warning(during)
+    load_note = foreign.describe(during) + (f". {warning}" if warning else "")
+    print(load_note)
     if args.markdown is not None:
         command = "lorkd-bench " + " ".join(sys.argv[1:] if argv is None else argv)
         write_markdown(
-            args.markdown, markdown_section(sections, targets, device, machine, settings, command), device
+            args.markdown,
+            markdown_section(
+                sections,
+                targets,
+                device,
+                machine,
+                settings,
+                command,
+                load_note,
+            ),
+            device,
         )
         print(f"markdown section written to {args.markdown}")
     return 0
