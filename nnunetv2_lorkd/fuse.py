@@ -125,13 +125,9 @@ class LoRKDModel:
         return net.eval()
 
 
-def region_channels(region_map: RegionMap, region: int) -> list[int]:
-    return [0, *sorted(region_map.label_values(region))]
-
-
 def fused_region_weights(model: LoRKDModel, routed: nn.Module, region: int) -> dict[str, torch.Tensor]:
     """state_dict of the vanilla network for one region: fused experts, heads sliced to the region's classes."""
-    channels = torch.tensor(region_channels(model.region_map, region))
+    channels = torch.tensor(model.region_map.channels(region))
     weights = fuse_expert(routed, region).state_dict()
     return {k: (v.index_select(0, channels).clone() if SEG_HEAD_KEY.search(k) else v) for k, v in weights.items()}
 
@@ -182,11 +178,11 @@ def verify_region(model: LoRKDModel, routed: nn.Module, weights: dict, region: i
         for p in (0, max(0, want - size))
     ]
     x = torch.nn.functional.pad(x, pad)
-    plain = model.build_plain(len(region_channels(model.region_map, region)))
+    plain = model.build_plain(len(model.region_map.channels(region)))
     plain.load_state_dict(weights, strict=True)
     plain.eval()
     with torch.no_grad(), route(routed, region):
-        reference = routed(x)[:, region_channels(model.region_map, region)]
+        reference = routed(x)[:, model.region_map.channels(region)]
         fused = plain(x)
     return float((reference - fused).abs().max())
 

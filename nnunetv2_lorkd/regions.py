@@ -15,7 +15,7 @@ Labels are given by name and resolved against the dataset's ``labels`` (the unio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
@@ -131,6 +131,11 @@ class RegionMap:
     def label_values(self, region: int) -> tuple[int, ...]:
         return self.regions[region].label_values
 
+    def channels(self, region: int) -> list[int]:
+        """Output channels of a region in the union label space: background first, then ascending labels
+        (the order fused seg heads are sliced in and region dataset.json labels are numbered in)."""
+        return [0, *sorted(self.label_values(region))]
+
     def class_mask(self, num_classes: int) -> list[list[bool]]:
         """Per region, which output channels (background = 0 included) it supervises."""
         masks = []
@@ -148,8 +153,3 @@ def region_labels_for_dataset_json(region: Region) -> dict[str, int]:
     in their union order (the order seg-head channels are sliced in)."""
     ordered = sorted(zip(region.label_values, region.label_names, strict=True))
     return {"background": 0, **{name: i + 1 for i, (_, name) in enumerate(ordered)}}
-
-
-def sorted_region_channels(region: Region) -> Sequence[int]:
-    """Union channel indices kept for a region, background first, in ascending label order."""
-    return [0, *sorted(region.label_values)]

@@ -29,7 +29,6 @@ from nnunetv2_lorkd.nnunet.runtime import (
     balanced_loaders,
     case_hook,
     region_balanced_probabilities,
-    region_channels,
     summarize_validation_by_region,
 )
 from nnunetv2_lorkd.regions import RegionMap
@@ -220,7 +219,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         def on_case(case_id: str) -> None:
             region = self.region_map.region_of_case(case_id)
             set_routing(self.network, region)
-            restriction.set_allowed(region_channels(self.region_map, region), num_classes, self.device)
+            restriction.set_allowed(self.region_map.channels(region), num_classes, self.device)
 
         base_dataset_class = self.dataset_class
         self.dataset_class = ROUTED_DATASET_FOR.get(base_dataset_class, base_dataset_class)

@@ -120,11 +120,6 @@ class OutputRestriction:
         self._handle.remove()
 
 
-def region_channels(region_map: RegionMap, region: int) -> list[int]:
-    """Output channels of a region in the union label space: background first, then ascending labels."""
-    return [0, *sorted(region_map.label_values(region))]
-
-
 def summarize_validation_by_region(summary_file: str, region_map: RegionMap, file_ending: str) -> dict:
     """Mean Dice per region over that region's classes and validation cases, from nnU-Net's summary.json."""
     with open(summary_file) as f:
