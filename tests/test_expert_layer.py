@@ -206,3 +206,85 @@ def test_layer_errors():
     with route(layer, 1):  # one region for any batch size
         layer(x)
         layer(x[:1])
+
+
+def test_cpu_grouped_path_for_one_sample_per_region():
+    """Two regions with one sample each take the grouped-conv path on CPU; outputs and gradients are exact."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(4, 5, 3, padding=1)
+    layer = ExpertConv3d(base, (2, 2, 2), (2.0, 2.0, 2.0), name="g")
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    assert layer._grouped_conv_is_faster(x, (1, 1))
+    assert not layer._grouped_conv_is_faster(x.double(), (1, 1))  # fp64 and uneven groups keep the split path
+    assert not layer._grouped_conv_is_faster(torch.randn(3, 4, 6, 6, 6), (2, 1))
+    ids = [2, 0]
+    with route(layer, ids):
+        y = layer(x)
+    layer64 = ExpertConv3d(nn.Conv3d(4, 5, 3, padding=1).double(), (2, 2, 2), (2.0, 2.0, 2.0))
+    layer64.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    torch.testing.assert_close(y.double(), _reference(layer64, x.detach().double(), ids), rtol=0, atol=1e-5)
+    target = torch.randn_like(y)
+    ((y - target) ** 2).sum().backward()
+    assert torch.count_nonzero(layer.lora_A[1].grad) == 0 and torch.count_nonzero(layer.lora_B[1].grad) == 0
+    for b, t in enumerate(ids):  # each present expert's gradient is its own sample's gradient
+        w = layer.weight.detach() + layer.get_delta_weight(t)
+        yb = F.conv3d(x[b : b + 1].detach(), w, layer.bias.detach(), padding=1)
+        (ga,) = torch.autograd.grad(((yb - target[b : b + 1]) ** 2).sum(), layer.lora_A[t])
+        torch.testing.assert_close(layer.lora_A[t].grad, ga, rtol=1e-4, atol=1e-5)
+
+
+def test_route_regroups_once_at_the_network_input():
+    torch.manual_seed(0)
+    first = ExpertConv2d(nn.Conv2d(2, 3, 3, padding=1).double(), (1, 1, 1), (1.0,) * 3, name="first")
+    second = ExpertConv2d(nn.Conv2d(3, 2, 3, padding=1).double(), (1, 1, 1), (1.0,) * 3, name="second")
+    for layer in (first, second):
+        with torch.no_grad():
+            for b in layer.lora_B:
+                b.normal_()
+    net = nn.Sequential(first, nn.ReLU(), second)
+    ids = [2, 0, 2, 1, 0]
+    x = torch.randn(len(ids), 2, 5, 5, dtype=torch.float64)
+    seen = []
+    second.register_forward_pre_hook(lambda m, a: seen.append((m.routing_plan.perm, m.routing_plan.region_ids)))
+    with route(net, ids):
+        y = net(x)
+        direct = second(torch.relu(first(x)))  # layers called on their own gather inside, same result
+    assert seen[0] == (None, (0, 0, 1, 2, 2))  # the layers saw a batch already sorted by region
+    assert seen[1][0] is not None
+    ref = _reference(second, torch.relu(_reference(first, x, ids)), ids)
+    assert (y - ref).abs().max() <= 1e-10 and (direct - ref).abs().max() <= 1e-10
+    assert first.routing_plan is None and second.routing_plan is None
+
+    class TwoOutputs(nn.Module):  # list outputs (deep supervision) come back in the caller's order too
+        def __init__(self, body: nn.Module) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+            out = self.body(z)
+            return [out, out[:, :1] * 2]
+
+    two = TwoOutputs(net)
+    with route(two, ids):
+        a, b = two(x)
+    assert (a - ref).abs().max() <= 1e-10 and (b - 2 * ref[:, :1]).abs().max() <= 1e-10
+
+
+def test_absent_experts_touch_is_exact_zero_even_with_nonfinite_weights():
+    torch.manual_seed(0)
+    layer = ExpertConv2d(nn.Conv2d(2, 2, 3), (1, 1, 1), (1.0,) * 3, name="t")
+    with torch.no_grad():
+        layer.lora_A[2].fill_(float("inf"))  # a broken absent expert must not poison the step
+    layer.train()
+    x = torch.randn(2, 2, 5, 5)
+    with route(layer, [0, 1]):
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert layer.lora_A[2].grad is not None and torch.count_nonzero(layer.lora_A[2].grad) == 0
+    assert torch.count_nonzero(layer.lora_B[2].grad) == 0
+    assert torch.isfinite(layer.weight.grad).all()

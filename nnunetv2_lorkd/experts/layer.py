@@ -37,8 +37,8 @@ _CONV_ATTRS = (
 class ExpertLayer:
     """Expert state and the efficient-knowledge-separation forward shared by all expert layer classes.
 
-    One forward serves a batch that mixes regions: the batch is split into per-region groups (gathered
-    only when the samples of a region are not contiguous), each group runs one convolution with its own
+    One forward serves a batch that mixes regions: the batch is split into per-region groups (``route``
+    has already sorted it by region at the network input), each group runs one convolution with its own
     merged weight ``W0 + s_t * dW_t``, and only the regions present are computed. Autograd then gives
     expert t the gradient of region t's samples alone and W0 the gradient of all of them.
     """
@@ -48,6 +48,7 @@ class ExpertLayer:
     bias: nn.Parameter | None
     lora_A: nn.ParameterList
     lora_B: nn.ParameterList
+    _grouped_path: bool = False
 
     def _init_experts(
         self,
@@ -141,24 +142,35 @@ class ExpertLayer:
     def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _keep_absent_experts_in_graph(self, present: tuple[int, ...]) -> torch.Tensor | None:
-        """A zero that depends on every absent expert, so each parameter is used in every training step.
+    def _grouped_conv_is_faster(self, x: torch.Tensor, sizes: tuple[int, ...]) -> bool:
+        """Whether one grouped convolution (groups = regions present) beats one convolution per region.
 
-        DDP (without find_unused_parameters) requires that every parameter receives a gradient; this gives
-        absent experts an exact zero gradient for the price of one tiny reduction.
+        Only on CPU and only when every region has a single sample: PyTorch runs a one-sample, ungrouped
+        float32 conv with a 3-wide kernel on its slow native kernel unless C*d2*d3 > 20480 (the oneDNN rule in
+        ATen's Convolution.cpp), which makes a 3D U-Net's middle stages 2-5x slower than the plain batched
+        conv; grouped convs always take oneDNN. Below 4x4x4 voxels the native kernel is faster again
+        (docs/benchmarks.md has the measurements).
         """
-        if not (self.training and torch.is_grad_enabled()):
-            return None
-        absent = [
-            p
-            for t in range(self.num_experts)
-            if t not in present
-            for p in (self.lora_A[t], self.lora_B[t])
-            if p.requires_grad
-        ]
-        if not absent:
-            return None
-        return torch.cat([p.reshape(-1) for p in absent]).sum() * 0.0
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not self._grouped_path or len(sizes) < 2:
+            return False
+        if getattr(self, "padding_mode", "zeros") != "zeros":
+            return False
+        if any(n != 1 for n in sizes):
+            return False
+        spatial = x.shape[2:]
+        if math.prod(spatial) < 64:
+            return False
+        native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
+        return native_rule and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
+
+    def _run_grouped(self, x: torch.Tensor, regions: tuple[int, ...]) -> torch.Tensor:
+        """One sample per region: view the batch as one sample with the regions side by side in channels."""
+        t = len(regions)
+        weight = torch.cat([self.expert_weight(r) for r in regions])
+        bias = None if self.bias is None else self.bias.repeat(t)
+        y = F.conv2d if x.dim() == 4 else F.conv3d
+        out = y(x.reshape(1, t * x.shape[1], *x.shape[2:]), weight, bias, self.stride, self.padding, self.dilation, t)
+        return out.view(t, -1, *out.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.routing_plan
@@ -171,24 +183,19 @@ class ExpertLayer:
                 "`with backbone_only(net):` to run the shared backbone alone on purpose."
             )
         if plan.backbone_only:
-            zero = self._keep_absent_experts_in_graph(())
-            return self._run_conv(x, self.weight if zero is None else self.weight + zero)
+            return self._run_conv(x, self.weight)
         regions, sizes = plan.groups_for_batch(x.shape[0], self.lorkd_name)
-        zero = self._keep_absent_experts_in_graph(regions)
         if len(regions) == 1:
-            weight = self.expert_weight(regions[0])
-            return self._run_conv(x, weight if zero is None else weight + zero)
+            return self._run_conv(x, self.expert_weight(regions[0]))
         inv_perm = None
-        if plan.perm is not None:
+        if plan.perm is not None:  # called on its own, not through the routed network's forward
             perm, inv_perm = plan.permutations_on(x.device)
             x = x.index_select(0, perm)
-        outputs = []
-        for i, (chunk, region) in enumerate(zip(torch.split(x, sizes), regions, strict=True)):
-            weight = self.expert_weight(region)
-            if i == 0 and zero is not None:
-                weight = weight + zero
-            outputs.append(self._run_conv(chunk, weight))
-        y = torch.cat(outputs)
+        if self._grouped_conv_is_faster(x, sizes):
+            y = self._run_grouped(x, regions)
+        else:
+            chunks = torch.split(x, sizes)
+            y = torch.cat([self._run_conv(c, self.expert_weight(r)) for c, r in zip(chunks, regions, strict=True)])
         return y if inv_perm is None else y.index_select(0, inv_perm)
 
     def _forward_merged(self, x: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
@@ -236,6 +243,8 @@ class ExpertLayer:
 
 
 class _ExpertConvNd(ExpertLayer):
+    _grouped_path = True
+
     def __init__(
         self,
         base: nn.Module,
@@ -271,6 +280,7 @@ class ExpertConv3d(_ExpertConvNd, nn.Conv3d):
 
 
 class _ExpertConvTransposeNd(_ExpertConvNd):
+    _grouped_path = False
     _functional = staticmethod(F.conv_transpose2d)
 
     def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

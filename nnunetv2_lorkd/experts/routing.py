@@ -5,12 +5,18 @@ nnU-Net always calls ``net(x)`` with a single tensor, so the region of each samp
 the duration of a ``with`` block. The plan is computed once on the host (no device synchronisation inside
 the layers) and holds everything each layer needs: which regions are present, how many samples each has,
 and the permutation that groups samples by region when they are not already grouped.
+
+``route`` also hooks the forward of the network it is given, for two jobs that belong to the whole forward
+rather than to each layer: a batch whose regions are interleaved is sorted by region once at the input
+(and the outputs are put back in the caller's order), so no layer has to gather; and in training, the
+experts of regions absent from the batch are tied into the graph once, with an exact-zero gradient, so
+every parameter is used in every step (DDP without ``find_unused_parameters``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,12 +70,26 @@ class RoutingPlan:
             inv_perm[perm] = torch.arange(len(ids))
         return cls(region_ids=ids, regions=tuple(regions), split_sizes=tuple(sizes), perm=perm, inv_perm=inv_perm)
 
+    def grouped(self) -> RoutingPlan:
+        """The plan for the same batch after it was sorted by region: same groups, nothing left to gather."""
+        if self.perm is None:
+            return self
+        assert self.region_ids is not None
+        ids = tuple(self.region_ids[i] for i in self.perm.tolist())
+        return RoutingPlan(region_ids=ids, regions=self.regions, split_sizes=self.split_sizes)
+
     def permutations_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grouping permutation on ``device``, moved there once per plan and shared by all layers."""
+        """The grouping permutation on ``device``, moved there once per plan and shared by all layers.
+
+        On CUDA the copy comes from pinned memory without blocking, so routing adds no host synchronisation.
+        """
         cached = self._device_perms.get(device)
         if cached is None:
             assert self.perm is not None and self.inv_perm is not None
-            cached = (self.perm.to(device), self.inv_perm.to(device))
+            if device.type == "cuda":
+                cached = tuple(p.pin_memory().to(device, non_blocking=True) for p in (self.perm, self.inv_perm))
+            else:
+                cached = (self.perm.to(device), self.inv_perm.to(device))
             self._device_perms[device] = cached
         return cached
 
@@ -125,6 +145,96 @@ def _as_plan(
     return plan
 
 
+class _TouchParameters(torch.autograd.Function):
+    """An exact zero that depends on the given parameters and gives each of them an exact-zero gradient.
+
+    Unlike ``sum(p) * 0`` it stays zero (and its gradients stay zero) even when a parameter holds inf/nan,
+    and its forward reads no parameter memory.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return anchor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return (None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
+def _absent_expert_parameters(layers: Sequence[nn.Module], plan: RoutingPlan) -> list[torch.Tensor]:
+    if plan.backbone_only:
+        present: set[int] = set()
+    elif plan.broadcast is not None:
+        present = {plan.broadcast}
+    else:
+        present = set(plan.regions)
+    return [
+        p
+        for layer in layers
+        for t in range(layer.num_experts)
+        if t not in present
+        for p in (layer.lora_A[t], layer.lora_B[t])
+        if p.requires_grad
+    ]
+
+
+def _map_batch(output: object, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> object:
+    """Apply ``fn`` to the output tensor, or to each tensor of a list/tuple of outputs (deep supervision)."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in output):
+        return type(output)(fn(o) for o in output)
+    raise RoutingError(
+        f"route() {what}, but the network returned {type(output).__name__}; it supports a tensor or a "
+        "list/tuple of tensors (deep supervision) with the batch as the first dimension"
+    )
+
+
+class _ForwardHooks:
+    """Network-level work of one routed forward: sort the batch by region once, restore the caller's order
+    on the outputs, and keep absent experts in the autograd graph during training."""
+
+    def __init__(self, layers: list[nn.Module], plan: RoutingPlan) -> None:
+        self.layers = layers
+        self.plan = plan
+        self.grouped = plan.grouped()
+
+    def before(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.plan.perm is None:
+            return None
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise RoutingError("route() regroups the batch by region and needs the input tensor as first argument")
+        x = args[0]
+        self.plan.groups_for_batch(x.shape[0], type(module).__name__)  # clear error for a wrong batch size
+        perm, _ = self.plan.permutations_on(x.device)
+        for layer in self.layers:
+            layer.routing_plan = self.grouped
+        return (x.index_select(0, perm), *args[1:])
+
+    def after(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self.plan.perm is not None:
+            for layer in self.layers:
+                layer.routing_plan = self.plan
+            _, inv_perm = self.plan.permutations_on(args[0].device)
+            output = _map_batch(output, lambda y: y.index_select(0, inv_perm), "restored the batch order")
+        if module.training and torch.is_grad_enabled():
+            absent = _absent_expert_parameters(self.layers, self.plan)
+            if absent:
+                first = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
+                zero = _TouchParameters.apply(first, *absent)
+                touched = [True]
+
+                def add_zero(y: torch.Tensor) -> torch.Tensor:
+                    if touched:
+                        touched.clear()
+                        return y + zero
+                    return y
+
+                output = _map_batch(output, add_zero, "keeps absent experts in the graph")
+        return output
+
+
 @contextlib.contextmanager
 def _installed(net: nn.Module, plan_for: object) -> Iterator[None]:
     layers = _expert_layers(net)
@@ -134,16 +244,24 @@ def _installed(net: nn.Module, plan_for: object) -> Iterator[None]:
     previous = [layer.routing_plan for layer in layers]
     for layer in layers:
         layer.routing_plan = plan
+    hooks = _ForwardHooks(layers, plan)
+    handles = [net.register_forward_pre_hook(hooks.before), net.register_forward_hook(hooks.after)]
     try:
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         for layer, old in zip(layers, previous, strict=True):
             layer.routing_plan = old
 
 
 def set_routing(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor | None) -> None:
     """Install routing until changed (``None`` removes it). For callers that cannot wrap the forward in
-    ``with route(...)``, e.g. nnU-Net's final validation, which loads and predicts one case at a time."""
+    ``with route(...)``, e.g. nnU-Net's final validation, which loads and predicts one case at a time.
+
+    It installs no forward hooks: use it for inference. In training use :func:`route`, which also keeps
+    the experts of absent regions in the graph (DDP) and sorts interleaved batches once.
+    """
     layers = _expert_layers(net)
     if not layers:
         raise RoutingError("this network has no expert layers; call add_experts(net, ...) first")
