@@ -262,9 +262,10 @@ class Section:
         return next(r.timing.median_ms for r in self.rows if r.variant == variant)
 
 
-PLAIN, OURS, OFFICIAL, OFFICIAL_MM, LOOP = (
+PLAIN, OURS_IN_NET, OURS, OFFICIAL, OFFICIAL_MM, LOOP = (
     "plain conv",
-    "ours (expert conv, routed)",
+    "ours, inside a network (batch grouped once by route)",
+    "ours, layer alone (route regroups at this layer)",
     "official-style (grouped conv)",
     "official-style, matmul aggregation",
     "per-sample loop",
@@ -311,6 +312,14 @@ def bench_conv(
             y = holder(x)
         y.backward(grad_out)
 
+    grouped_ids = sorted(ids)  # what every layer of a routed network sees: route sorted the batch at the input
+
+    def run_ours_in_net() -> None:
+        _clear_grads(expert_params)
+        with route(holder, grouped_ids):
+            y = holder(x)
+        y.backward(grad_out)
+
     def official(aggregate: str) -> Callable[[], None]:
         def run() -> None:
             _clear_grads(expert_params)
@@ -325,6 +334,7 @@ def bench_conv(
 
     variants = {
         PLAIN: run_plain,
+        OURS_IN_NET: run_ours_in_net,
         OURS: run_ours,
         OFFICIAL: official("broadcast"),
         OFFICIAL_MM: official("matmul"),
@@ -336,7 +346,9 @@ def bench_conv(
         f"{cfg.describe()}; regions {present} present ({len(present)} of {cfg.experts}), "
         f"shuffled order {ids if len(ids) <= 16 else [*ids[:16], '...']}"
     )
-    return Section(f"{cfg.name} conv, forward + backward", config, [Row(n, t) for n, t in timings.items()], PLAIN, OURS)
+    return Section(
+        f"{cfg.name} conv, forward + backward", config, [Row(n, t) for n, t in timings.items()], PLAIN, OURS_IN_NET
+    )
 
 
 def build_unet(cfg: NetConfig) -> nn.Module:

@@ -98,7 +98,15 @@ def test_quick_run_prints_tables_and_summary(capsys, tmp_path):
         "whole-network training step",
     ):
         assert title in out
-    for variant in (bench.PLAIN, bench.OURS, bench.OFFICIAL, bench.OFFICIAL_MM, bench.LOOP, bench.PLAIN_NET):
+    for variant in (
+        bench.PLAIN,
+        bench.OURS_IN_NET,
+        bench.OURS,
+        bench.OFFICIAL,
+        bench.OFFICIAL_MM,
+        bench.LOOP,
+        bench.PLAIN_NET,
+    ):
         assert variant in out
 
     summary = out.split("summary (")[1].splitlines()[1:]

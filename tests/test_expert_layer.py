@@ -97,7 +97,7 @@ def test_gradient_isolation_exact(case):
     _, layer = _layer(case)
     x = torch.randn(len(ids), case[1], *case[8], dtype=torch.float64)
     layer.train()
-    with route(layer, ids):
+    with route(layer, ids, touch_absent_experts=True):
         y = layer(x)
     target = torch.randn_like(y)
     ((y - target) ** 2).sum().backward()
@@ -133,7 +133,11 @@ def test_every_expert_gets_a_gradient_tensor_in_training_only():
     assert layer.lora_A[1].grad is None  # no zero-touch outside training
     layer.zero_grad(set_to_none=True)
     layer.train()
-    with backbone_only(layer):
+    with route(layer, [0, 0]):  # outside DDP, by default: absent experts get no gradient, the optimiser skips them
+        layer(x).sum().backward()
+    assert layer.lora_A[1].grad is None and layer.lora_A[0].grad is not None
+    layer.zero_grad(set_to_none=True)
+    with backbone_only(layer, touch_absent_experts=True):
         layer(x).sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
     assert all(torch.count_nonzero(a.grad) == 0 for a in layer.lora_A)
@@ -222,7 +226,7 @@ def test_cpu_grouped_path_for_one_sample_per_region():
     assert not layer._grouped_conv_is_faster(x.double(), (1, 1))  # fp64 and uneven groups keep the split path
     assert not layer._grouped_conv_is_faster(torch.randn(3, 4, 6, 6, 6), (2, 1))
     ids = [2, 0]
-    with route(layer, ids):
+    with route(layer, ids, touch_absent_experts=True):
         y = layer(x)
     layer64 = ExpertConv3d(nn.Conv3d(4, 5, 3, padding=1).double(), (2, 2, 2), (2.0, 2.0, 2.0))
     layer64.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
@@ -281,7 +285,7 @@ def test_absent_experts_touch_is_exact_zero_even_with_nonfinite_weights():
         layer.lora_A[2].fill_(float("inf"))  # a broken absent expert must not poison the step
     layer.train()
     x = torch.randn(2, 2, 5, 5)
-    with route(layer, [0, 1]):
+    with route(layer, [0, 1], touch_absent_experts=True):
         y = layer(x)
     assert torch.isfinite(y).all()
     y.sum().backward()

@@ -8,9 +8,9 @@ and the permutation that groups samples by region when they are not already grou
 
 ``route`` also hooks the forward of the network it is given, for two jobs that belong to the whole forward
 rather than to each layer: a batch whose regions are interleaved is sorted by region once at the input
-(and the outputs are put back in the caller's order), so no layer has to gather; and in training, the
-experts of regions absent from the batch are tied into the graph once, with an exact-zero gradient, so
-every parameter is used in every step (DDP without ``find_unused_parameters``).
+(and the outputs are put back in the caller's order), so no layer has to gather; and in a DDP training
+step, the experts of regions absent from the batch are tied into the graph once, with an exact-zero
+gradient, so every parameter is used in every step (DDP without ``find_unused_parameters``).
 """
 
 from __future__ import annotations
@@ -195,10 +195,16 @@ class _ForwardHooks:
     """Network-level work of one routed forward: sort the batch by region once, restore the caller's order
     on the outputs, and keep absent experts in the autograd graph during training."""
 
-    def __init__(self, layers: list[nn.Module], plan: RoutingPlan) -> None:
+    def __init__(self, layers: list[nn.Module], plan: RoutingPlan, touch_absent: bool | None) -> None:
         self.layers = layers
         self.plan = plan
         self.grouped = plan.grouped()
+        self.touch_absent = touch_absent
+
+    def _touch_wanted(self) -> bool:
+        if self.touch_absent is not None:
+            return self.touch_absent
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def before(self, module: nn.Module, args: tuple) -> tuple | None:
         if self.plan.perm is None:
@@ -218,7 +224,7 @@ class _ForwardHooks:
                 layer.routing_plan = self.plan
             _, inv_perm = self.plan.permutations_on(args[0].device)
             output = _map_batch(output, lambda y: y.index_select(0, inv_perm), "restored the batch order")
-        if module.training and torch.is_grad_enabled():
+        if module.training and torch.is_grad_enabled() and self._touch_wanted():
             absent = _absent_expert_parameters(self.layers, self.plan)
             if absent:
                 first = output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
@@ -236,7 +242,7 @@ class _ForwardHooks:
 
 
 @contextlib.contextmanager
-def _installed(net: nn.Module, plan_for: object) -> Iterator[None]:
+def _installed(net: nn.Module, plan_for: object, touch_absent: bool | None) -> Iterator[None]:
     layers = _expert_layers(net)
     if not layers:
         raise RoutingError("this network has no expert layers; call add_experts(net, ...) first")
@@ -244,7 +250,7 @@ def _installed(net: nn.Module, plan_for: object) -> Iterator[None]:
     previous = [layer.routing_plan for layer in layers]
     for layer in layers:
         layer.routing_plan = plan
-    hooks = _ForwardHooks(layers, plan)
+    hooks = _ForwardHooks(layers, plan, touch_absent)
     handles = [net.register_forward_pre_hook(hooks.before), net.register_forward_hook(hooks.after)]
     try:
         yield
@@ -270,19 +276,30 @@ def set_routing(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor |
         layer.routing_plan = plan
 
 
-def route(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor) -> contextlib.AbstractContextManager[None]:
+def route(
+    net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor, *, touch_absent_experts: bool | None = None
+) -> contextlib.AbstractContextManager[None]:
     """Route the samples of every forward inside the block to their region experts.
 
     ``region_ids`` is a LongTensor or sequence of shape (B,), one region per sample, or a single int that
     applies to every sample of any batch size. Ids are checked against the number of experts here, once.
+
+    ``touch_absent_experts``: in a training forward, give the experts of regions absent from the batch an
+    exact-zero gradient so every parameter takes part in every step, as DDP without
+    ``find_unused_parameters`` requires. ``None`` (default) does so exactly when torch.distributed is
+    initialised. Outside DDP it is better left off: absent experts then get no gradient at all, so the
+    optimiser skips them (no momentum or weight-decay step from a batch they never saw, and no optimiser
+    work for them).
     """
 
     def plan_for(layer: nn.Module) -> RoutingPlan:
         return _as_plan(region_ids, layer.num_experts, layer.region_names)
 
-    return _installed(net, plan_for)
+    return _installed(net, plan_for, touch_absent_experts)
 
 
-def backbone_only(net: nn.Module) -> contextlib.AbstractContextManager[None]:
+def backbone_only(
+    net: nn.Module, *, touch_absent_experts: bool | None = None
+) -> contextlib.AbstractContextManager[None]:
     """Run the shared backbone W0 alone, without any expert. Never the default: it must be asked for."""
-    return _installed(net, RoutingPlan(backbone_only=True))
+    return _installed(net, RoutingPlan(backbone_only=True), touch_absent_experts)

@@ -83,8 +83,8 @@ def test_absent_task_experts_get_exactly_zero_gradient_from_the_task_loss() -> N
     for layer in expert_layers(model.backbone):
         for t in range(3):
             grads = [layer.lora_A[t].grad, layer.lora_B[t].grad]
-            if t == 1:  # absent from the batch
-                assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads), layer.lorkd_name
+            if t == 1:  # absent from the batch: no gradient at all outside DDP (the optimiser skips it)
+                assert all(g is None for g in grads), layer.lorkd_name
         assert torch.count_nonzero(layer.lora_B[0].grad) > 0 and torch.count_nonzero(layer.lora_B[2].grad) > 0
     assert model.heads[1].weight.grad is None or torch.count_nonzero(model.heads[1].weight.grad) == 0
 
