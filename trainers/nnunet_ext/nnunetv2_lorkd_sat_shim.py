@@ -1,0 +1,6 @@
+"""Re-exports nnunetv2-lorkd's SAT-style trainers for nnU-Net's `nnUNet_extTrainer` search (see ../_register.py).
+
+The classes keep their home module, so nnU-Net and our own code see the same class objects.
+"""
+
+from nnunetv2_lorkd_trainers.sat_style import *  # noqa: F403
