@@ -4,7 +4,7 @@ editable installs) so nnU-Net finds our trainers with no environment variable se
 
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -47,10 +47,15 @@ class EditableWheelWithPth(editable_wheel):
         return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
 
 
+# Namespace discovery: a subpackage folder without __init__.py (nnunetv2_lorkd/nnunet/ has none) is still
+# shipped; find_packages() would silently leave it out of the wheel while an editable install still worked.
+LIBRARY_PACKAGES = find_namespace_packages(include=["nnunetv2_lorkd", "nnunetv2_lorkd.*"], exclude=["*.__pycache__"])
+
 setup(
-    packages=[*find_packages(include=["nnunetv2_lorkd", "nnunetv2_lorkd.*"]), "nnunetv2_lorkd_trainers"],
-    # nnunet_ext/ is a plain folder of shim modules for nnU-Net's search, shipped as data, not a package
+    # nnunet_ext/ holds only the shim modules nnU-Net's search imports by file (see trainers/_register.py); it is
+    # listed so that setuptools ships it as code (the trainers' .pth also goes inside the package for sdists)
+    packages=[*LIBRARY_PACKAGES, "nnunetv2_lorkd_trainers", "nnunetv2_lorkd_trainers.nnunet_ext"],
     package_dir={"nnunetv2_lorkd_trainers": "trainers"},
-    package_data={"nnunetv2_lorkd_trainers": ["nnunet_ext/*.py", PTH]},
+    package_data={"nnunetv2_lorkd_trainers": [PTH]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
 )
