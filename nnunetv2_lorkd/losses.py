@@ -25,7 +25,8 @@ def merged_log_probs(logits: torch.Tensor, class_mask: torch.Tensor) -> torch.Te
 
     logits (B, C, ...), class_mask (B, C) bool with the background column True.
     """
-    logp = torch.log_softmax(logits.float(), 1)
+    # half-precision logits (autocast) are upcast; float64 stays float64 (exact reference computations)
+    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), 1)
     mask = class_mask.to(logp.device).view(*class_mask.shape, *([1] * (logits.dim() - 2)))
     absorbed = mask.clone()
     absorbed[:, 0] = False  # background absorbs background + every unannotated class

@@ -1,5 +1,6 @@
 """nnUNetTrainerLoRKD: nnU-Net's trainer with low-rank region experts, one forward per mixed-region batch,
-a partial-label loss, region-balanced sampling and per-region validation.
+a partial-label loss, region-balanced sampling, per-region validation and, when the dataset's
+lorkd_kd.json turns it on, distillation from a frozen teacher (L = L_seg + lambda * L_KD, docs/distillation.md).
 
 Thin by design: each override routes the batch (or case) to its experts and hands over to nnU-Net's own
 implementation; the logic lives in ``nnunetv2_lorkd``.
@@ -7,8 +8,11 @@ implementation; the logic lives in ``nnunetv2_lorkd``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,12 +25,15 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunetv2_lorkd.experts import expert_parameter_report, route, set_routing, unwrap_network
+from nnunetv2_lorkd.kd.data import kd_loaders
+from nnunetv2_lorkd.kd.progress import KD_LOSS_KEY, SEG_LOSS_KEY, LoRKDLocalLogger
+from nnunetv2_lorkd.kd.session import Distillation
+from nnunetv2_lorkd.kd.teacher import student_preprocessing
 from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss, PartialLabelDiceCELoss
 from nnunetv2_lorkd.nnunet.config import ExpertConfig
 from nnunetv2_lorkd.nnunet.runtime import (
     ROUTED_DATASET_FOR,
     OutputRestriction,
-    balanced_loaders,
     case_hook,
     region_balanced_probabilities,
     summarize_validation_by_region,
@@ -44,6 +51,10 @@ __all__ = [
 
 
 class nnUNetTrainerLoRKD(nnUNetTrainer):
+    """Region experts on nnU-Net's network. Every expert-specific step goes through the hooks
+    ``build_network_architecture``, ``_configure_experts``, ``_routing``, ``_route_case`` and
+    ``_describe_network``, so a subclass can switch the experts off (nnUNetTrainerMTL) and keep the rest."""
+
     # expert defaults (LoRKD: r=8, alpha=16, decoder 2x); a dataset's dataset.json `lorkd.experts` overrides
     lorkd_rank: int = 8
     lorkd_alpha: float = 16.0
@@ -52,6 +63,8 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
     lorkd_fixed_scaling: float | None = None
     # "balanced": every region gets the same share of samples; "cases": nnU-Net's uniform over cases
     lorkd_region_sampling: str = "balanced"
+    # False: never distil, whatever lorkd_kd.json says (for a subclass that must train on labels only)
+    lorkd_distill: bool = True
 
     def __init__(
         self,
@@ -64,10 +77,34 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise RuntimeError(
-                "nnUNetTrainerLoRKD needs plain integer labels without an ignore label: regions are defined by the "
+                f"{type(self).__name__} needs plain integer labels without an ignore label: regions are defined by the "
                 "dataset.json 'lorkd' section instead (see lorkd-merge)"
             )
         self.region_map = RegionMap.from_dataset_json(dataset_json)
+        self.expert_config: ExpertConfig | None = self._configure_experts(plans, configuration, dataset_json)
+        num_classes = self.label_manager.num_segmentation_heads
+        self.region_class_mask = torch.tensor(self.region_map.class_mask(num_classes), dtype=torch.bool)
+        local = LoRKDLocalLogger(self.logger.local_logger.verbose)  # nnU-Net's logger plus the KD keys and panel
+        local.my_fantastic_logging.update(self.logger.local_logger.my_fantastic_logging)
+        self.logger.local_logger = local
+        self._register_log_keys()
+        self._compile_note_logged = False
+        # distillation: the dataset's lorkd_kd.json decides (no entry for this configuration = off, said so here)
+        if self.lorkd_distill:
+            self.distillation, note = Distillation.from_preprocessed(
+                self.preprocessed_dataset_folder_base,
+                self.plans_manager.dataset_name,
+                configuration,
+                self.plans_manager.plans_name,
+                self.configuration_manager.data_identifier,
+                self.region_map,
+            )
+        else:
+            self.distillation, note = None, f"Distillation: OFF ({type(self).__name__}.lorkd_distill is False)"
+        self.print_to_log_file(note)
+
+    def _configure_experts(self, plans: dict, configuration: str, dataset_json: dict) -> ExpertConfig | None:
+        """Resolve the expert hyper-parameters and record them in the plans (the predictor rebuilds from them)."""
         defaults = {
             "rank": self.lorkd_rank,
             "alpha": self.lorkd_alpha,
@@ -75,12 +112,13 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             "ranks": self.lorkd_ranks,
             "fixed_scaling": self.lorkd_fixed_scaling,
         }
-        self.expert_config = ExpertConfig.resolve(defaults, self.region_map, dataset_json)
-        self.expert_config.store_in(plans, configuration, self.configuration_manager.configuration)
-        num_classes = self.label_manager.num_segmentation_heads
-        self.region_class_mask = torch.tensor(self.region_map.class_mask(num_classes), dtype=torch.bool)
+        config = ExpertConfig.resolve(defaults, self.region_map, dataset_json)
+        config.store_in(plans, configuration, self.configuration_manager.configuration)
+        return config
+
+    def _register_log_keys(self) -> None:
         self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])
-        self._compile_note_logged = False
+        self.logger.local_logger.ensure_keys()
 
     # ------------------------------------------------------------------------------------------- network
     @classmethod
@@ -101,29 +139,43 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
+        self.print_to_log_file(self._describe_network(), also_print_to_console=False)
+
+    def _describe_network(self) -> str:
         report = expert_parameter_report(self.network)
-        self.print_to_log_file(
+        return (
             f"LoRKD: {len(self.region_map.names)} region experts {self.region_map.names}, {self.expert_config}\n"
-            + report.format(),
-            also_print_to_console=False,
+            + report.format()
         )
+
+    def _routing(self, region_ids: Sequence[int]) -> contextlib.AbstractContextManager:
+        """Route a training/validation batch's samples to their region experts for the forward inside."""
+        return route(self.network, region_ids)
+
+    def _route_case(self, region: int | None) -> None:
+        """Route (or, with None, un-route) the network for one case of the final validation."""
+        set_routing(unwrap_network(self.network), region)
 
     def _do_i_compile(self) -> bool:
         if super()._do_i_compile() and not self._compile_note_logged:
             self.print_to_log_file(
-                "torch.compile is off for nnUNetTrainerLoRKD: the region mix of each batch decides which expert "
-                "weights are built, which would recompile or break the graph on every new mix"
+                f"torch.compile is off for {type(self).__name__}: the region mix of each batch decides which expert "
+                "weights are built (and which output channels count), which would recompile or break the graph on "
+                "every new mix"
             )
             self._compile_note_logged = True
         return False
 
     def _build_loss(self) -> nn.Module:
+        """The partial-label Dice+CE over the deep-supervision outputs, plus lambda * KD when distillation is on."""
         loss = PartialLabelDiceCELoss(batch_dice=self.configuration_manager.batch_dice)
         if not self.enable_deep_supervision:
-            return DeepSupervisionPartialLoss(loss)
-        weights = np.array([1 / (2**i) for i in range(len(self._get_deep_supervision_scales()))])
-        weights[-1] = 1e-6 if self.is_ddp else 0  # DDP needs the lowest head in the graph
-        return DeepSupervisionPartialLoss(loss, (weights / weights.sum()).tolist())
+            segmentation = DeepSupervisionPartialLoss(loss)
+        else:
+            weights = np.array([1 / (2**i) for i in range(len(self._get_deep_supervision_scales()))])
+            weights[-1] = 1e-6 if self.is_ddp else 0  # DDP needs the lowest head in the graph
+            segmentation = DeepSupervisionPartialLoss(loss, (weights / weights.sum()).tolist())
+        return segmentation if self.distillation is None else self.distillation.wrap_loss(segmentation)
 
     # ------------------------------------------------------------------------------------------- data
     def get_tr_and_val_datasets(self):
@@ -134,6 +186,13 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             )
         elif self.lorkd_region_sampling != "cases":
             raise ValueError(f"lorkd_region_sampling must be 'balanced' or 'cases', got {self.lorkd_region_sampling!r}")
+        if self.distillation is not None:  # before any step: load the teacher, or check the cache and attach it
+            case_regions = {case: self.region_map.region_of_case(case) for case in dataset_tr.identifiers}
+            student = student_preprocessing(
+                self.plans_manager.plans, self.configuration_name, self.dataset_json, f"student {type(self).__name__}"
+            )
+            note = self.distillation.prepare(self.device, dataset_tr, case_regions, self.loss, student)
+            self.print_to_log_file(note)
         return dataset_tr, dataset_val
 
     def do_split(self):
@@ -149,8 +208,13 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         return super().do_split()
 
     def get_dataloaders(self):
-        with balanced_loaders():
+        with kd_loaders():  # region-balanced sampling; cached soft labels ride along when the dataset has them
             return super().get_dataloaders()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.distillation is not None and self.local_rank == 0:
+            self.print_to_log_file(f"KD settings of this run: {self.distillation.write_record(self.output_folder)}")
 
     def _class_mask(self, region_ids: list[int]) -> torch.Tensor:
         return self.region_class_mask[region_ids].to(self.device, non_blocking=True)
@@ -159,8 +223,41 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         region_ids = self.region_map.region_ids(batch["keys"])
         self.loss.set_class_mask(self._class_mask(region_ids))
-        with route(self.network, region_ids):
-            return super().train_step(batch)
+        if self.distillation is None:
+            with self._routing(region_ids):
+                return super().train_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        # the teacher sees exactly the augmented patch the student sees (online), or its cached soft labels
+        # augmented together with it (cached)
+        self.loss.set_teacher(self.distillation.batch_probabilities(batch, data, region_ids), region_ids)
+        try:
+            with self._routing(region_ids):
+                result = super().train_step({**batch, "data": data})
+        finally:
+            self.loss.set_teacher(None)
+        result["kd_loss"] = self.loss.last_distillation.cpu().numpy()
+        result["seg_loss"] = self.loss.last_segmentation.cpu().numpy()
+        return result
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        for key, log_key in (("kd_loss", KD_LOSS_KEY), ("seg_loss", SEG_LOSS_KEY)):
+            values = [float(o[key]) for o in train_outputs if key in o]
+            if self.is_ddp:
+                gathered: list = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, values)
+                values = [v for part in gathered for v in part]
+            if key == "seg_loss" and not values:  # without KD the training loss is the segmentation loss
+                value = float(self.logger.get_value("train_losses", step=-1))
+            else:
+                value = float(np.mean(values)) if values else math.nan
+            self.logger.log(log_key, value, self.current_epoch)
+        if self.distillation is not None:
+            self.print_to_log_file(
+                f"train seg loss {self.logger.get_value(SEG_LOSS_KEY, step=-1):.4f}, "
+                f"KD loss {self.logger.get_value(KD_LOSS_KEY, step=-1):.4f} "
+                f"(weight {self.distillation.settings.weight:g})"
+            )
 
     def validation_step(self, batch: dict) -> dict:
         """Validation loss plus pseudo-Dice the way a fused region model predicts: argmax over background and
@@ -176,7 +273,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             else target.to(self.device)
         )
         with (
-            route(self.network, region_ids),
+            self._routing(region_ids),
             autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context(),
         ):
             output = self.network(data)
@@ -207,7 +304,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
-        self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])
+        self._register_log_keys()
 
     # ------------------------------------------------------------------------------ final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
@@ -218,7 +315,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
 
         def on_case(case_id: str) -> None:
             region = self.region_map.region_of_case(case_id)
-            set_routing(self.network, region)
+            self._route_case(region)
             restriction.set_allowed(self.region_map.channels(region), num_classes, self.device)
 
         base_dataset_class = self.dataset_class
@@ -233,7 +330,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
         finally:
             self.dataset_class = base_dataset_class
             restriction.remove()
-            set_routing(unwrap_network(self.network), None)
+            self._route_case(None)
         if self.local_rank == 0:
             self._summarize_by_region()
 

@@ -14,21 +14,16 @@ crop is in any train crop. The price: coronal/sagittal crops are at most one sla
 to a square. The pattern repeats so that organs that span only ~18 slices (femurs) reach every split;
 validation gets the thinnest slabs because it only monitors training.
 
-Download and cache: ``pip download --no-deps --no-binary :all: totalsegmentator==2.18.0`` into a temporary
-folder, sha256-check the sdist, extract the three files needed and check their sha256, then keep only
-those (2.3 MB) in the cache (``$LORKD_CACHE``, else ``$XDG_CACHE_HOME/nnunetv2_lorkd``, else
-``~/.cache/nnunetv2_lorkd``), so later runs work offline.
+Download and cache (shared with ``lorkd-data``, see :mod:`nnunetv2_lorkd.data.sources`): ``pip download
+--no-deps --no-binary :all: totalsegmentator==2.18.0`` into a temporary folder, sha256-check the sdist,
+extract the three files needed and check their sha256, then keep only those (2.3 MB) in the cache
+(``$LORKD_CACHE``, else ``$XDG_CACHE_HOME/nnunetv2_lorkd``, else ``~/.cache/nnunetv2_lorkd``), so later
+runs work offline.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,26 +33,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_path, write_json
+from ..data.sources import (
+    TOTALSEGMENTATOR,
+    TS_FILES,
+    TS_SDIST_NAME,
+    TS_SDIST_SHA256,
+    TS_VERSION,
+    Archive,
+    SourceError,
+    SourceUnavailableError,  # noqa: F401  (re-exported: callers catch it from here)
+    default_cache_dir,  # noqa: F401  (re-exported)
+    fetch_archive_files,
+    pip_downloader,
+    sha256_file,
+)
+from ._io import write_json
 from .data import SPLITS, SplitArrays, TaskData, save_medmnist_npz
 
-TS_VERSION = "2.18.0"
-SDIST_NAME = f"totalsegmentator-{TS_VERSION}.tar.gz"
-SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
-_PREFIX = f"totalsegmentator-{TS_VERSION}"
+SDIST_NAME = TS_SDIST_NAME
+SDIST_SHA256 = TS_SDIST_SHA256
 SOURCE_FILES: dict[str, tuple[str, str]] = {  # local name -> (member in the sdist, sha256)
-    "example_ct.nii.gz": (
-        f"{_PREFIX}/tests/reference_files/example_ct.nii.gz",
-        "dbd3ae6d614d1d7ef3a46925c30c70038ed52da6b37fdd6afdc7b9b71387e3e1",
-    ),
-    "example_seg_fast_force_split.nii.gz": (
-        f"{_PREFIX}/tests/reference_files/example_seg_fast_force_split.nii.gz",
-        "e8097758e56e73099075b6caaebce23ef11bc6fad66a4ec3753b9406846558c7",
-    ),
-    "map_to_binary.py": (
-        f"{_PREFIX}/totalsegmentator/map_to_binary.py",
-        "ee19259dacd4d52d424849b8bac44a5a5d41c895426bf7c048c69203a1a3777d",
-    ),
+    name: TS_FILES[name] for name in ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "map_to_binary.py")
 }
 LABELS_NOTE = (
     "Labels are TotalSegmentator 2.18.0 model predictions (the package's regression-test reference "
@@ -91,74 +87,26 @@ DEFAULT_PATTERN: tuple[tuple[str, int], ...] = (
 )
 
 
-class SourceError(RuntimeError):
-    """The TotalSegmentator source files cannot be obtained or fail their checks."""
-
-
-class SourceUnavailableError(SourceError):
-    """The download failed (no network, no pip); the message says how to provide the files instead."""
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("LORKD_CACHE"):
-        return Path(os.environ["LORKD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nnunetv2_lorkd"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _pip_download(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    cmd += [f"totalsegmentator=={TS_VERSION}", "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SourceUnavailableError(f"`{' '.join(cmd)}` could not run ({exc})") from None
-    tarball = dest / SDIST_NAME
-    if proc.returncode != 0 or not tarball.is_file():
-        tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise SourceUnavailableError(
-            f"`pip download ... totalsegmentator=={TS_VERSION}` failed ({tail or 'no output'}). "
-            "Without network "
-            f"access, copy {', '.join(SOURCE_FILES)} from the sdist into a folder and pass it as --source-dir"
-        )
-    return tarball
+    return pip_downloader(f"totalsegmentator=={TS_VERSION}", SDIST_NAME, sdist=True)(dest)
 
 
 def fetch_totalsegmentator_files(
     cache_dir: str | Path | None = None, downloader: Callable[[Path], Path] = _pip_download
 ) -> dict[str, Path]:
-    """Paths of the three source files, downloading (once) and checking sha256 as needed."""
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = folder / _PREFIX
-    paths = {name: folder / name for name in SOURCE_FILES}
-    if all(p.is_file() and sha256_file(p) == SOURCE_FILES[n][1] for n, p in paths.items()):
-        return paths
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        tarball = downloader(Path(tmp))
-        got = sha256_file(tarball)
-        if got != SDIST_SHA256:
-            raise SourceError(f"{tarball}: sha256 {got} is not the pinned {SDIST_SHA256} of {SDIST_NAME}")
-        with tarfile.open(tarball, "r:gz") as tf:
-            for name, (member, sha) in SOURCE_FILES.items():
-                try:
-                    fh = tf.extractfile(tf.getmember(member))
-                except KeyError:
-                    raise SourceError(f"{tarball}: member {member} is missing") from None
-                assert fh is not None
-                with atomic_path(paths[name]) as out:
-                    out.write_bytes(fh.read())
-                    if sha256_file(out) != sha:
-                        raise SourceError(f"{tarball}: {member} does not match its pinned sha256 {sha}")
-    return paths
+    """Paths of the three source files, downloading (once) and checking sha256 as needed.
+
+    The shared cache of :mod:`nnunetv2_lorkd.data.sources` is used, so ``lorkd-data`` and this builder
+    download the sdist at most once between them.
+    """
+    archive = Archive(
+        key=TOTALSEGMENTATOR.key,
+        description=TOTALSEGMENTATOR.description,
+        files=SOURCE_FILES,
+        sha256=SDIST_SHA256,
+        downloader=downloader,
+    )
+    return fetch_archive_files(archive, cache_dir, downloader)
 
 
 def locate_source_files(source_dir: str | Path) -> dict[str, Path]:
