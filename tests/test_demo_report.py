@@ -226,3 +226,26 @@ def test_progress_estimates_the_time_left(monkeypatch: pytest.MonkeyPatch) -> No
     assert progress.left() == 60.0
     assert lines[-1] == "[lorkd-demo 01:50 elapsed, ~01:00 left]   teacher: done in 01:00"
     assert lines[0].startswith("[lorkd-demo 00:00 elapsed, ~00:25 left] stage 1/3 data: building")
+
+
+def test_demo_leaves_out_an_unavailable_optional_region_loudly(tmp_path: Path) -> None:
+    from nnunetv2_lorkd.demo.run import Demo, DemoError
+
+    lines: list[str] = []
+    demo = Demo(get_preset("gpu"), tmp_path, ("abdomen", "pelvis", "brain"), out=lines.append)
+    assert demo.region_datasets["brain"] == "Dataset703_LoRKDBrain"
+    manifest = {
+        "regions": ["abdomen", "pelvis"],
+        "skipped_regions": {"brain": "apt-get download mricron-data failed"},
+        "datasets": {"abdomen": "Dataset701_LoRKDAbdomen", "pelvis": "Dataset702_LoRKDPelvis"},
+        "merged": "Dataset700_LoRKDMerged",
+    }
+    demo.raw.mkdir(parents=True)
+    (demo.raw / "lorkd_data_manifest.json").write_text(json.dumps(manifest))
+    demo.adopt_manifest()
+    assert demo.regions == ("abdomen", "pelvis") and "brain" not in demo.region_datasets
+    assert any("optional region brain is left out" in line and "apt-get" in line for line in lines)
+    manifest["regions"] = ["abdomen"]  # a required region missing is an error, not a skip
+    (demo.raw / "lorkd_data_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DemoError, match="lorkd-data built regions"):
+        demo.adopt_manifest()

@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -717,6 +718,8 @@ def main(argv: list[str] | None = None) -> int:
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
     )
+    # a terminated demo stops the command it is running too (the `finally` in Demo.run), as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         if args.redo:
             demo.redo(args.redo)

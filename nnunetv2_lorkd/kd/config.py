@@ -11,7 +11,7 @@ It lives next to the plans in ``$nnUNet_preprocessed/DatasetXXX_NAME/`` and is w
           "teacher": {"model_folder": "/abs/path/to/model", "fold": 0, "checkpoint": "checkpoint_final.pth",
                       "class_aliases": {}},
           "mode": "cached",
-          "weight": 1.0,
+          "weight": 2.0,
           "temperature": 1.0,
           "teacher_exclusive": false
         }
@@ -34,7 +34,7 @@ CONFIG_FILE = "lorkd_kd.json"
 SCHEMA_VERSION = 1
 MODES = ("online", "cached")
 # defaults of `lorkd-kd set`; the weight comes from the ablation in docs/distillation.md
-DEFAULT_WEIGHT = 1.0
+DEFAULT_WEIGHT = 2.0
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 
