@@ -2,11 +2,12 @@
 :mod:`nnunetv2_lorkd.demo.presets`, e.g. ``nnUNetTrainerLoRKD_demoCPU``.
 
 nnU-Net picks a training length only through the trainer class name, so each preset gets its own classes.
-They set the epochs, iterations per epoch and validation iterations of the preset; for presets without
-test-time augmentation they clear the mirroring axes used by the final validation and stored in the checkpoint
-(prediction of the model then never mirrors), and for presets without a final validation they log that it is
-skipped (the demo's validation case is a training case, so on the CPU presets the minute it costs per model
-buys nothing: every model is scored on the held-out test parts instead).
+They set the epochs (for nnUNetTrainerSATStyle the teacher's own number), iterations per epoch and
+validation iterations of the preset; for presets without test-time augmentation they clear the mirroring axes
+used by the final validation and stored in the checkpoint (prediction of the model then never mirrors), and for
+presets without a final validation they log that it is skipped (the demo's validation case is a training case,
+so on the CPU presets the minute it costs per model buys nothing: every model is scored on the held-out test
+parts instead).
 
 ``nnUNetTrainerSATStyle`` and ``nnUNetTrainerMTL`` come from their own modules; when such a module does not
 exist (yet), its variants are not defined here and ``lorkd-demo`` refuses to start, naming the missing
@@ -43,6 +44,8 @@ BASES: dict[str, type | None] = {
 
 
 def _variant(base: type, preset: Preset) -> type:
+    epochs = preset.teacher_epochs if base.__name__ == "nnUNetTrainerSATStyle" else preset.epochs
+
     def __init__(
         self,
         plans: dict,
@@ -52,7 +55,7 @@ def _variant(base: type, preset: Preset) -> type:
         device: torch.device = torch.device("cuda"),
     ) -> None:
         base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = preset.epochs
+        self.num_epochs = epochs
         self.num_iterations_per_epoch = preset.iterations
         self.num_val_iterations_per_epoch = preset.val_iterations
 
@@ -84,7 +87,7 @@ def _variant(base: type, preset: Preset) -> type:
             "perform_actual_validation": perform_actual_validation,
             "__module__": __name__,
             "__qualname__": name,
-            "__doc__": f"{base.__name__} for lorkd-demo --preset {preset.name}: {preset.epochs} epochs x "
+            "__doc__": f"{base.__name__} for lorkd-demo --preset {preset.name}: {epochs} epochs x "
             f"{preset.iterations} iterations, test-time mirroring {'on' if preset.tta else 'off'}.",
         },
     )

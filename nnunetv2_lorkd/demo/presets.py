@@ -4,8 +4,11 @@ trainers in ``trainers/demo.py`` read their lengths from here).
 nnU-Net chooses a training length only through the trainer class name, so every preset has its own trainer
 classes, ``<base trainer>_<suffix>`` (e.g. ``nnUNetTrainerLoRKD_demoCPU``), for the four trainers the demo
 trains: ``nnUNetTrainer`` (specialists), ``nnUNetTrainerSATStyle`` (teacher), ``nnUNetTrainerLoRKD``
-(students) and ``nnUNetTrainerMTL`` (baseline). All models of a preset train for the same number of epochs
-and iterations (as nnU-Net trains every dataset with the same schedule).
+(students) and ``nnUNetTrainerMTL`` (baseline). The students, the MTL baseline and the specialists train for
+the same number of epochs and iterations (as nnU-Net trains every dataset with the same schedule); the teacher,
+which stands for LoRKD's pre-trained foundation model, trains twice as long (its sigmoid classes need longer
+than softmax models before they cross 0.5: after the students' 480 iterations on the cpu preset its largest
+class probabilities were still below 0.4, so it predicted background everywhere).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Preset:
     configuration: str  # nnU-Net configuration
     plans: str  # plans identifier; a "small" preset writes it from nnUNetPlans (see `small_network`)
     small_network: SmallNetwork | None  # None: nnU-Net's plans as planned
-    epochs: int
+    epochs: int  # every model but the teacher
+    teacher_epochs: int  # the teacher plays the pre-trained foundation model: it may train longer
     iterations: int  # training iterations per epoch
     val_iterations: int  # validation iterations per epoch
     tta: bool  # mirroring at validation and prediction
@@ -58,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         plans="nnUNetPlansDemoCPU",
         small_network=SmallNetwork(max_features=64, max_batch=4, max_patch=64),
         epochs=12,
+        teacher_epochs=24,
         iterations=40,
         val_iterations=2,
         tta=False,
@@ -67,8 +72,8 @@ PRESETS: dict[str, Preset] = {
         smoke=True,
         regions=CT_REGIONS,
         description="SMOKE RUN: 2d, a small network (features <= 64, batch <= 4, patch <= 64 x 64), 12 epochs x 40 "
-        "iterations per model, no test-time mirroring, no nnU-Net final validation; it shows that the pipeline works "
-        "end to end, it cannot show what the method achieves",
+        "iterations per model (the teacher 24), no test-time mirroring, no nnU-Net final validation; it shows that "
+        "the pipeline works end to end, it cannot show what the method achieves",
     ),
     "gpu": Preset(
         name="gpu",
@@ -77,6 +82,7 @@ PRESETS: dict[str, Preset] = {
         plans="nnUNetPlans",
         small_network=None,
         epochs=100,
+        teacher_epochs=200,
         iterations=250,
         val_iterations=50,
         tta=True,
@@ -85,8 +91,8 @@ PRESETS: dict[str, Preset] = {
         kd_mode="cached",
         smoke=False,
         regions=(*CT_REGIONS, "brain"),
-        description="benchmark: 3d_fullres with nnU-Net's own plans, 100 epochs x 250 iterations per model, "
-        "test-time mirroring",
+        description="benchmark: 3d_fullres with nnU-Net's own plans, 100 epochs x 250 iterations per model (the "
+        "teacher 200), test-time mirroring",
     ),
     "tiny": Preset(
         name="tiny",
@@ -95,6 +101,7 @@ PRESETS: dict[str, Preset] = {
         plans="nnUNetPlansDemoTiny",
         small_network=SmallNetwork(max_features=32, max_batch=2, max_patch=64),
         epochs=1,
+        teacher_epochs=1,
         iterations=4,
         val_iterations=1,
         tta=False,

@@ -193,7 +193,8 @@ def render_markdown(metrics: dict, run: dict, charts: dict[str, str]) -> str:
     lines.append(f"- Preset `{run['preset']}`: {run['description']}.")
     lines.append(
         f"- Configuration `{run['configuration']}`, plans `{run['plans']}`, {run['epochs']} epochs x "
-        f"{run['iterations']} iterations per model; trainers: " + ", ".join(f"`{t}`" for t in run["trainers"].values())
+        f"{run['iterations']} iterations per model (the teacher: {run['teacher_epochs']} epochs); trainers: "
+        + ", ".join(f"`{t}`" for t in run["trainers"].values())
     )
     lines.append(f"- Machine: {run['machine']}.")
     last = run["runs"][-1]["wall_seconds"]

@@ -6,9 +6,9 @@ outputs and those of every later stage first):
 1. ``data``        ``lorkd-data``: one nnU-Net raw dataset per region + the merged LoRKD dataset
 2. ``plan``        ``nnUNetv2_extract_fingerprint`` / ``nnUNetv2_plan_experiment`` / ``nnUNetv2_preprocess``
                    (the CPU presets write a smaller network into their own plans, e.g. ``nnUNetPlansDemoCPU``)
-3. ``teacher``     ``nnUNetv2_train MERGED -tr nnUNetTrainerSATStyle_<suffix>`` (the SAT-style foundation model)
-4. ``mtl``         ``nnUNetv2_train MERGED -tr nnUNetTrainerMTL_<suffix>`` (baseline: no experts, no distillation)
-5. ``specialists`` ``nnUNetv2_train REGION -tr nnUNetTrainer_<suffix>`` for every region
+3. ``mtl``         ``nnUNetv2_train MERGED -tr nnUNetTrainerMTL_<suffix>`` (baseline: no experts, no distillation)
+4. ``specialists`` ``nnUNetv2_train REGION -tr nnUNetTrainer_<suffix>`` for every region
+5. ``teacher``     ``nnUNetv2_train MERGED -tr nnUNetTrainerSATStyle_<suffix>`` (the SAT-style foundation model)
 6. ``kd``          ``lorkd-kd set`` (+ ``lorkd-kd cache`` in cached mode): the teacher becomes the distillation source
 7. ``lorkd``       ``nnUNetv2_train MERGED -tr nnUNetTrainerLoRKD_<suffix>`` (students with KD)
 8. ``fuse``        ``lorkd-fuse --region all``: one vanilla nnU-Net model per region
@@ -54,9 +54,9 @@ TOOLS = {
 STAGES = (
     "data",
     "plan",
-    "teacher",
     "mtl",
     "specialists",
+    "teacher",
     "kd",
     "lorkd",
     "fuse",
@@ -178,9 +178,9 @@ class Demo:
         weights = {
             "data": 0.1,
             "plan": 0.6,
-            "teacher": 1.3,
             "mtl": 1.0,
             "specialists": 1.0 * n,
+            "teacher": 1.3 * self.preset.teacher_epochs / self.preset.epochs,
             "kd": 0.3 if self.preset.kd_mode == "cached" else 0.1,
             "lorkd": 1.3,
             "fuse": 0.1,
@@ -279,7 +279,7 @@ class Demo:
         elif (folder / "checkpoint_latest.pth").is_file():
             args.append("--c")
             self.progress.step(f"{label}: resuming from checkpoint_latest.pth")
-        epochs = self.preset.epochs
+        epochs = self.preset.teacher_epochs if base == "nnUNetTrainerSATStyle" else self.preset.epochs
         lo, hi = fraction
 
         state = {"epoch": 0}
@@ -590,6 +590,7 @@ class Demo:
             "configuration": self.preset.configuration,
             "plans": self.preset.plans,
             "epochs": self.preset.epochs,
+            "teacher_epochs": self.preset.teacher_epochs,
             "iterations": self.preset.iterations,
             "trainers": {b: self.trainer(b) for b in BASE_TRAINERS},
             "kd_mode": self.preset.kd_mode,
@@ -637,9 +638,9 @@ class Demo:
         self.stage_data()
         steps: list[tuple[str, Callable[[], bool]]] = [
             ("plan", self.stage_plan),
-            ("teacher", lambda: self.stage_train("teacher", "nnUNetTrainerSATStyle", "SAT-style teacher")),
             ("mtl", self.stage_mtl),
             ("specialists", self.stage_specialists),
+            ("teacher", lambda: self.stage_train("teacher", "nnUNetTrainerSATStyle", "SAT-style teacher")),
             ("kd", self.stage_kd),
             ("lorkd", lambda: self.stage_train("lorkd", "nnUNetTrainerLoRKD", "LoRKD students with KD")),
             ("fuse", self.stage_fuse),
