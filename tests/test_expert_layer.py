@@ -13,6 +13,7 @@ from nnunetv2_lorkd.experts import (
     ExpertConv2d,
     ExpertConv3d,
     ExpertConvTranspose3d,
+    ExpertLayer,
     RoutingError,
     backbone_only,
     route,
@@ -30,6 +31,14 @@ CASES = [
     (nn.Conv3d, 2, 2, (3, 1, 3), 1, (1, 0, 1), 1, True, (6, 5, 7)),
 ]
 EXPERT_CLASS = {nn.Conv2d: ExpertConv2d, nn.Conv3d: ExpertConv3d}
+
+
+@pytest.fixture(params=["weight-side", "activation-side"])
+def expert_path(request, monkeypatch):
+    """Run a test once with per-region weights W0 + s*dW_t and once with conv(x, W0) + s*B_t(A_t(x))."""
+    activation = request.param == "activation-side"
+    monkeypatch.setattr(ExpertLayer, "_activation_side_is_cheaper", lambda self, x, regions: activation)
+    return request.param
 
 
 def _layer(case, ranks=(2, 3, 1), dtype=torch.float64, seed=0):
@@ -58,7 +67,7 @@ def _reference(layer, x, ids):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}-k{c[3]}-s{c[4]}-bias{c[7]}")
 @pytest.mark.parametrize("ids", [[2, 0, 2, 1, 0], [1, 1, 0, 0, 2], [2, 2, 2, 2, 2]], ids=["mixed", "grouped", "one"])
-def test_per_sample_equivalence_fp64(case, ids):
+def test_per_sample_equivalence_fp64(case, ids, expert_path):
     _, layer = _layer(case)
     x = torch.randn(len(ids), case[1], *case[8], dtype=torch.float64)
     with route(layer, ids):
@@ -92,7 +101,7 @@ def test_fresh_experts_equal_backbone_and_init():
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=["2d", "3d-aniso"])
-def test_gradient_isolation_exact(case):
+def test_gradient_isolation_exact(case, expert_path):
     ids = [0, 2, 0, 2]  # region 1 absent
     _, layer = _layer(case)
     x = torch.randn(len(ids), case[1], *case[8], dtype=torch.float64)
@@ -292,3 +301,39 @@ def test_absent_experts_touch_is_exact_zero_even_with_nonfinite_weights():
     assert layer.lora_A[2].grad is not None and torch.count_nonzero(layer.lora_A[2].grad) == 0
     assert torch.count_nonzero(layer.lora_B[2].grad) == 0
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_activation_side_rule_picks_the_cheaper_side():
+    """Deep, tiny feature maps with many channels apply the experts to activations; big feature maps build weights."""
+    deep = ExpertConv3d(nn.Conv3d(256, 256, 3, padding=1), (8, 8), (2.0, 2.0))
+    assert deep._activation_side_is_cheaper(torch.empty(2, 256, 4, 4, 4), (0, 1))  # 2*64*3 < 2*256
+    assert not deep._activation_side_is_cheaper(torch.empty(2, 256, 16, 16, 16), (0, 1))
+    strided = ExpertConv3d(nn.Conv3d(128, 256, 3, stride=2, padding=1), (8, 8), (2.0, 2.0))
+    assert strided._activation_side_is_cheaper(torch.empty(2, 128, 8, 8, 8), (0, 1))  # output is 4^3
+    shallow = ExpertConv2d(nn.Conv2d(32, 32, 3, padding=1), (4, 4), (4.0, 4.0))
+    assert not shallow._activation_side_is_cheaper(torch.empty(64, 32, 32, 32), (0, 1))
+    transposed = ExpertConvTranspose3d(nn.ConvTranspose3d(256, 128, 2, stride=2), (8, 8), (2.0, 2.0))
+    assert not transposed._activation_side_is_cheaper(torch.empty(2, 256, 2, 2, 2), (0, 1))
+
+
+@pytest.mark.parametrize("scalings", [(2.0, 2.0, 2.0), (4.0, 1.0, 0.5)], ids=["same-scale", "per-region-scale"])
+def test_activation_side_one_sample_per_region_fp64(scalings):
+    """The one-grouped-conv branch of the activation side (one sample per region, equal ranks) is exact."""
+    torch.manual_seed(0)
+    layer = ExpertConv3d(nn.Conv3d(5, 7, (1, 3, 3), padding=(0, 1, 1)).double(), (2, 2, 2), scalings)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    x = torch.randn(3, 5, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    ids = [2, 0, 1]
+    layer.train()
+    with route(layer, ids):
+        y = layer._run_activation_side(x, (2, 0, 1), (1, 1, 1))
+    assert (y - _reference(layer, x.detach(), ids)).abs().max().item() <= 1e-10
+    y.square().sum().backward()
+    for b, t in enumerate(ids):
+        w = layer.weight.detach() + layer.get_delta_weight(t)
+        yb = F.conv3d(x[b : b + 1].detach(), w, layer.bias.detach(), padding=(0, 1, 1))
+        (ga, gb) = torch.autograd.grad(yb.square().sum(), (layer.lora_A[t], layer.lora_B[t]))
+        torch.testing.assert_close(layer.lora_A[t].grad, ga, rtol=0, atol=1e-10)
+        torch.testing.assert_close(layer.lora_B[t].grad, gb, rtol=0, atol=1e-10)

@@ -49,6 +49,7 @@ class ExpertLayer:
     lora_A: nn.ParameterList
     lora_B: nn.ParameterList
     _grouped_path: bool = False
+    _activation_path: bool = False
 
     def _init_experts(
         self,
@@ -167,20 +168,84 @@ class ExpertLayer:
         Only on CPU and only when every region has a single sample: PyTorch runs a one-sample, ungrouped
         float32 conv with a 3-wide kernel on its slow native kernel unless C*d2*d3 > 20480 (the oneDNN rule in
         ATen's Convolution.cpp), which makes a 3D U-Net's middle stages 2-5x slower than the plain batched
-        conv; grouped convs always take oneDNN. Below 4x4x4 voxels the native kernel is faster again
-        (docs/benchmarks.md has the measurements).
+        conv; grouped convs always take oneDNN, and above that size they still match or beat one oneDNN call
+        per sample (measured at 16^3-32^3, docs/benchmarks.md). Below 4x4x4 voxels the native kernel is
+        faster again.
         """
         if x.device.type != "cpu" or x.dtype != torch.float32 or not self._grouped_path or len(sizes) < 2:
             return False
         if getattr(self, "padding_mode", "zeros") != "zeros":
             return False
-        if any(n != 1 for n in sizes):
+        return all(n == 1 for n in sizes) and math.prod(x.shape[2:]) >= 64
+
+    def _activation_side_is_cheaper(self, x: torch.Tensor, regions: tuple[int, ...]) -> bool:
+        """Whether to apply the experts to the activations instead of building a weight per region.
+
+        Building ``W0 + s*B_t A_t`` costs about ``3 * rows * cols * r*k0`` multiply-adds per region (forward and
+        both factor gradients) plus several passes over a weight-sized tensor, whatever the batch; the
+        activation side runs the plain batched conv with W0 and adds a rank-``r*k0`` correction costing about
+        ``k0*r*k0 / d0`` of that conv per sample. So it wins where the weights are big and the feature maps
+        tiny: the deep stages of a U-Net (4^3 voxels, 256-320 channels), where building weights made a layer
+        3-5x slower than the plain one. The rule compares the two estimates: batch * output voxels * k0
+        against regions * out channels.
+        """
+        if not self._activation_path:
             return False
-        spatial = x.shape[2:]
-        if math.prod(spatial) < 64:
-            return False
-        native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
-        return native_rule and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
+        k0 = self.weight.shape[2]
+        out_voxels = 1
+        dims = zip(x.shape[2:], self.kernel_size, self.stride, self._padding_pairs(), self.dilation, strict=True)
+        for size, k, s, p, d in dims:
+            out_voxels *= (size + p - d * (k - 1) - 1) // s + 1
+        return x.shape[0] * out_voxels * k0 < len(regions) * self.weight.shape[0]
+
+    def _padding_pairs(self) -> tuple[int, ...]:
+        """Total padding per spatial dim (for the output size only), whatever form ``padding`` takes."""
+        if isinstance(self.padding, str):  # 'same' keeps the size, 'valid' pads nothing
+            if self.padding == "valid":
+                return (0,) * len(self.kernel_size)
+            return tuple(d * (k - 1) for k, d in zip(self.kernel_size, self.dilation, strict=True))
+        return tuple(2 * p for p in self.padding)
+
+    def _lora_a_as_conv(self, region: int) -> torch.Tensor:
+        """A_t as a conv weight of k0*r*k0 output channels whose output feeds B_t.
+
+        The expert's delta is ``(B_t @ A_t).view(weight.shape)``: output channel o of the conv takes rows
+        o*k0 .. o*k0+k0-1 of ``B_t @ A_t``, row o*k0+j applying to the j-th contiguous chunk (length
+        d1*k1*k2) of the flattened (d1, k0, k1, k2) input window. So ``delta * window`` is
+        ``B_t.view(d0, k0*r*k0) @ (blockdiag(A_t, ..., A_t) @ window)`` with k0 copies of A_t: a conv with the
+        block-diagonal weight followed by a 1x1 mixing with B_t.
+        """
+        k0 = self.weight.shape[2]
+        a = self.lora_A[region]
+        return torch.block_diag(*([a] * k0)).view(-1, *self.weight.shape[1:])
+
+    def _run_activation_side(self, x: torch.Tensor, regions: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """``conv(x, W0) + s_t * B_t(A_t(x))`` per sample: one batched W0 conv, then the low-rank corrections.
+
+        Expert t still sees only region t's samples, and W0 all of them, so the gradients are those of the
+        weight-side forward.
+        """
+        y = self._run_conv(x, self.weight)
+        d0 = self.weight.shape[0]
+        equal_ranks = len({self.lora_A[t].shape for t in regions}) == 1
+        if equal_ranks and len(regions) > 1 and all(n == 1 for n in sizes) and self.padding_mode == "zeros":
+            # one sample per region: one grouped conv with the regions side by side in channels
+            n_regions = len(regions)
+            lora_b = torch.stack([self.lora_B[t] for t in regions]).view(n_regions, d0, -1)
+            weight = torch.cat([self._lora_a_as_conv(t) for t in regions])
+            conv = F.conv2d if x.dim() == 4 else F.conv3d
+            z = conv(x.reshape(1, -1, *x.shape[2:]), weight, None, self.stride, self.padding, self.dilation, n_regions)
+            corr = torch.bmm(lora_b, z.view(n_regions, lora_b.shape[-1], -1))
+            scalings = [self.scaling[t] for t in regions]
+            scale = scalings[0] if len(set(scalings)) == 1 else corr.new_tensor(scalings).view(-1, 1, 1)
+            corr = corr * scale
+        else:
+            parts = []
+            for t, chunk in zip(regions, torch.split(x, sizes), strict=True):
+                z = self._conv_forward(chunk, self._lora_a_as_conv(t), None).flatten(2)  # type: ignore[attr-defined]
+                parts.append(torch.matmul(self.lora_B[t].view(d0, -1), z) * self.scaling[t])
+            corr = torch.cat(parts)
+        return y + corr.view_as(y)
 
     def _run_grouped(self, x: torch.Tensor, regions: tuple[int, ...]) -> torch.Tensor:
         """One sample per region: view the batch as one sample with the regions side by side in channels."""
@@ -204,13 +269,16 @@ class ExpertLayer:
         if plan.backbone_only:
             return self._run_conv(x, self.weight)
         regions, sizes = plan.groups_for_batch(x.shape[0], self.lorkd_name)
-        if len(regions) == 1:
+        activation_side = self._activation_side_is_cheaper(x, regions)
+        if len(regions) == 1 and not activation_side:
             return self._run_conv(x, self.expert_weight(regions[0]))
         inv_perm = None
         if plan.perm is not None:  # called on its own, not through the routed network's forward
             perm, inv_perm = plan.permutations_on(x.device)
             x = x.index_select(0, perm)
-        if self._grouped_conv_is_faster(x, sizes):
+        if activation_side:
+            y = self._run_activation_side(x, regions, sizes)
+        elif self._grouped_conv_is_faster(x, sizes):
             y = self._run_grouped(x, regions)
         else:
             weights = self.expert_weights(regions)
@@ -263,6 +331,7 @@ class ExpertLayer:
 
 class _ExpertConvNd(ExpertLayer):
     _grouped_path = True
+    _activation_path = True
 
     def __init__(
         self,
@@ -300,6 +369,7 @@ class ExpertConv3d(_ExpertConvNd, nn.Conv3d):
 
 class _ExpertConvTransposeNd(_ExpertConvNd):
     _grouped_path = False
+    _activation_path = False
     _functional = staticmethod(F.conv_transpose2d)
 
     def _run_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
