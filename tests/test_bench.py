@@ -130,3 +130,23 @@ def test_markdown_append_and_gpu_placeholder(tmp_path):
     text = md.read_text()
     assert bench.GPU_PLACEHOLDER not in text
     assert text.index("### GPU (y)") < text.index("#### end") < text.index("### CPU (x)")
+
+
+def test_no_network_verdict_off_the_defined_patch():
+    """`--net-patch` other than the default still times the step but gives the U-Net target no verdict."""
+    section = bench.Section(
+        "whole-network training step",
+        "cfg",
+        [
+            bench.Row(bench.PLAIN_NET, bench.Timing(100.0, 90.0, 110.0, 5)),
+            bench.Row(bench.OURS_NET, bench.Timing(105.0, 95.0, 115.0, 5)),
+        ],
+        bench.PLAIN_NET,
+        bench.OURS_NET,
+    )
+    cpu = torch.device("cpu")
+    (at_default,) = bench.evaluate_targets([section], cpu, quick=False)
+    (elsewhere,) = bench.evaluate_targets([section], cpu, quick=False, net_size_is_default=False)
+    assert at_default.passed is True and at_default.verdict() == "PASS"
+    assert elsewhere.passed is None and elsewhere.verdict().startswith("n/a")
+    assert elsewhere.value == at_default.value == 1.05

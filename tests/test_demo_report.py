@@ -168,7 +168,7 @@ def test_presets_and_demo_trainer_variants() -> None:
             cls = getattr(demo, preset.trainer(base))
             assert cls.__name__ in demo.__all__ and cls.__module__ == "nnunetv2_lorkd_trainers.demo"
     assert issubclass(demo.nnUNetTrainerLoRKD_demoCPU, nnUNetTrainerLoRKD)
-    assert "24 epochs" in demo.nnUNetTrainerSATStyle_demoCPU.__doc__  # the teacher trains longer
+    assert "64 epochs" in demo.nnUNetTrainerSATStyle_demoCPU.__doc__  # the teacher trains longer
     assert "12 epochs" in demo.nnUNetTrainerMTL_demoCPU.__doc__
     assert get_preset("cpu").configuration == "2d" and get_preset("gpu").configuration == "3d_fullres"
     with pytest.raises(ValueError, match="unknown preset"):

@@ -175,20 +175,22 @@ class Demo:
             r: region_dataset_name(self.base_id, i, r) for i, r in enumerate(self.regions)
         }  # lorkd-data numbers regions by their position in --regions
         n = len(self.regions)
+        # relative stage costs, from a cpu-preset run on 2 cores (MTL training = 1); the estimate rescales them
+        # with the measured speed as the run goes
         weights = {
             "data": 0.1,
-            "plan": 0.6,
+            "plan": 1.5,
             "mtl": 1.0,
-            "specialists": 1.0 * n,
-            "teacher": 1.3 * self.preset.teacher_epochs / self.preset.epochs,
+            "specialists": 0.65 * n,
+            "teacher": 0.85 * self.preset.teacher_epochs / self.preset.epochs,
             "kd": 0.3 if self.preset.kd_mode == "cached" else 0.1,
-            "lorkd": 1.3,
+            "lorkd": 1.6,
             "fuse": 0.1,
-            "predict": 0.25 * n + 0.4,
-            "evaluate": 0.1,
+            "predict": 0.5 * n + 0.5,
+            "evaluate": 0.05,
             "report": 0.05,
         }
-        prior = {"cpu": 120.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
+        prior = {"cpu": 66.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
         self.progress = Progress(weights, prior, out=self.out)
 
     # ------------------------------------------------------------------------------------------ helpers

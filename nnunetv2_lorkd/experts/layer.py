@@ -168,15 +168,21 @@ class ExpertLayer:
         Only on CPU and only when every region has a single sample: PyTorch runs a one-sample, ungrouped
         float32 conv with a 3-wide kernel on its slow native kernel unless C*d2*d3 > 20480 (the oneDNN rule in
         ATen's Convolution.cpp), which makes a 3D U-Net's middle stages 2-5x slower than the plain batched
-        conv; grouped convs always take oneDNN, and above that size they still match or beat one oneDNN call
-        per sample (measured at 16^3-32^3, docs/benchmarks.md). Below 4x4x4 voxels the native kernel is
-        faster again.
+        conv; grouped convs always take oneDNN. Above that size one oneDNN call per sample is faster than the
+        grouped conv (up to 1.3x at 32x64x64), and below 4x4x4 voxels the native kernel is faster again
+        (docs/benchmarks.md has the measurements).
         """
         if x.device.type != "cpu" or x.dtype != torch.float32 or not self._grouped_path or len(sizes) < 2:
             return False
         if getattr(self, "padding_mode", "zeros") != "zeros":
             return False
-        return all(n == 1 for n in sizes) and math.prod(x.shape[2:]) >= 64
+        if any(n != 1 for n in sizes):
+            return False
+        spatial = x.shape[2:]
+        if math.prod(spatial) < 64:
+            return False
+        native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
+        return native_rule and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
 
     def _activation_side_is_cheaper(self, x: torch.Tensor, regions: tuple[int, ...]) -> bool:
         """Whether to apply the experts to the activations instead of building a weight per region.
