@@ -241,7 +241,7 @@ class ExpertLayer:
             weight = torch.cat([self._lora_a_as_conv(t) for t in regions])
             conv = F.conv2d if x.dim() == 4 else F.conv3d
             z = conv(x.reshape(1, -1, *x.shape[2:]), weight, None, self.stride, self.padding, self.dilation, n_regions)
-            corr = torch.bmm(lora_b, z.view(n_regions, lora_b.shape[-1], -1))
+            corr = torch.bmm(lora_b, z.reshape(n_regions, lora_b.shape[-1], -1))
             scalings = [self.scaling[t] for t in regions]
             scale = scalings[0] if len(set(scalings)) == 1 else corr.new_tensor(scalings).view(-1, 1, 1)
             corr = corr * scale
