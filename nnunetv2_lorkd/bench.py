@@ -649,7 +649,7 @@ def write_markdown(path: Path, section: str, device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -666,17 +666,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
     p.add_argument(
-        "--repeats", type=_positive_int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
+        "--repeats", type=positive_int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default: 3 CPU, 10 GPU)")
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own setting)"
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own setting)"
     )
     p.add_argument("--markdown", type=Path, default=None, help="append the results as a markdown section to PATH")
     p.add_argument("--skip-network", action="store_true", help="time the single convolutions only")
     p.add_argument(
         "--net-patch",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="cube edge of the U-Net step's patch (default: 32 CPU, 64 GPU; the target verdict is given only there)",
     )

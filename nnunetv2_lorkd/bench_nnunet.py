@@ -49,6 +49,7 @@ from .bench import (
     format_section,
     machine_description,
     markdown_section,
+    positive_int,
     time_interleaved,
 )
 
@@ -535,13 +536,6 @@ def write_markdown(path: Path, run_section: str, device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorkd-bench-nnunet",
@@ -557,16 +551,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerLoRKD", help="LoRKD trainer (default nnUNetTrainerLoRKD)")
     p.add_argument("--region", default=None, help="region of the fused model (default: the first region)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
-    p.add_argument("--repeats", type=_positive_int, default=None, help="timed repeats (default: 10 CPU, 30 GPU)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default: 10 CPU, 30 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2 CPU, 5 GPU)")
-    p.add_argument("--batches", type=_positive_int, default=6, help="distinct pre-loaded batches (default 6)")
+    p.add_argument("--batches", type=positive_int, default=6, help="distinct pre-loaded batches (default 6)")
     shapes = f"default {SYNTHETIC_SHAPES['cpu']} CPU, {SYNTHETIC_SHAPES['cuda']} GPU"
-    p.add_argument("--shape", type=_positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+    p.add_argument("--shape", type=positive_int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                    help=f"synthetic image size ({shapes})")  # fmt: skip
-    p.add_argument("--cases-per-region", type=_positive_int, default=4, help="synthetic cases per region (default 4)")
+    p.add_argument("--cases-per-region", type=positive_int, default=4, help="synthetic cases per region (default 4)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring at prediction (default: on for cuda, as nnU-Net; off for cpu)")  # fmt: skip
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print torch.profiler tables (N rows)")
     p.add_argument("--skip-prediction", action="store_true", help="time the training iteration only")
     p.add_argument("--markdown", type=Path, default=None, help="add the results to this benchmark's section of PATH")

@@ -22,6 +22,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2_lorkd_trainers._variants import LENGTHS, length_name, length_variant, smoke_variant
 from torch import autocast, nn
 
 from nnunetv2_lorkd.experts import expert_parameter_report, route, set_routing, unwrap_network
@@ -42,11 +43,10 @@ from nnunetv2_lorkd.regions import RegionMap
 from nnunetv2_lorkd.splits import region_stratified_splits
 
 REGION_DICE_KEY = "lorkd_region_dice"
-LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 2000, 4000)
 __all__ = [
     "nnUNetTrainerLoRKD",
     "nnUNetTrainerLoRKD_smoke",
-    *(f"nnUNetTrainerLoRKD_{n}epoch{'s' if n != 1 else ''}" for n in LENGTHS),
+    *(length_name("nnUNetTrainerLoRKD", n) for n in LENGTHS),
 ]
 
 
@@ -349,46 +349,11 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             )
 
 
-class nnUNetTrainerLoRKD_smoke(nnUNetTrainerLoRKD):
-    """One tiny epoch (10 training, 5 validation iterations): for smoke tests and CI."""
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 5
+nnUNetTrainerLoRKD_smoke = smoke_variant(nnUNetTrainerLoRKD, __name__)
 
 
 def _length_variant(epochs: int) -> type[nnUNetTrainerLoRKD]:
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ) -> None:
-        nnUNetTrainerLoRKD.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-
-    name = f"nnUNetTrainerLoRKD_{epochs}epoch{'s' if epochs != 1 else ''}"
-    return type(
-        name,
-        (nnUNetTrainerLoRKD,),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"nnUNetTrainerLoRKD for {epochs} epochs.",
-        },
-    )
+    return length_variant(nnUNetTrainerLoRKD, epochs, __name__)
 
 
 # the same training lengths nnU-Net offers for nnUNetTrainer

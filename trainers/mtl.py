@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnunetv2_lorkd_trainers.lorkd import LENGTHS, nnUNetTrainerLoRKD
+from nnunetv2_lorkd_trainers._variants import LENGTHS, length_name, length_variant, smoke_variant
+from nnunetv2_lorkd_trainers.lorkd import nnUNetTrainerLoRKD
 from torch import nn
 
 from nnunetv2_lorkd.nnunet.config import PLANS_KEY, ExpertConfig
@@ -20,7 +20,7 @@ from nnunetv2_lorkd.nnunet.config import PLANS_KEY, ExpertConfig
 __all__ = [
     "nnUNetTrainerMTL",
     "nnUNetTrainerMTL_smoke",
-    *(f"nnUNetTrainerMTL_{n}epoch{'s' if n != 1 else ''}" for n in LENGTHS),
+    *(length_name("nnUNetTrainerMTL", n) for n in LENGTHS),
 ]
 
 
@@ -58,46 +58,11 @@ class nnUNetTrainerMTL(nnUNetTrainerLoRKD):
         return None
 
 
-class nnUNetTrainerMTL_smoke(nnUNetTrainerMTL):
-    """One tiny epoch (10 training, 5 validation iterations): for smoke tests and CI."""
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 5
+nnUNetTrainerMTL_smoke = smoke_variant(nnUNetTrainerMTL, __name__)
 
 
 def _length_variant(epochs: int) -> type[nnUNetTrainerMTL]:
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ) -> None:
-        nnUNetTrainerMTL.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-
-    name = f"nnUNetTrainerMTL_{epochs}epoch{'s' if epochs != 1 else ''}"
-    return type(
-        name,
-        (nnUNetTrainerMTL,),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"nnUNetTrainerMTL for {epochs} epochs.",
-        },
-    )
+    return length_variant(nnUNetTrainerMTL, epochs, __name__)
 
 
 # the same training lengths as nnUNetTrainerLoRKD

@@ -22,6 +22,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2_lorkd_trainers._variants import LENGTHS, length_name, length_variant, smoke_variant
 from torch import autocast, nn
 
 from nnunetv2_lorkd.experts import unwrap_network
@@ -49,18 +50,13 @@ from nnunetv2_lorkd.sat import (
 from nnunetv2_lorkd.splits import region_stratified_splits
 
 REGION_DICE_KEY = "lorkd_region_dice"
-LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 2000, 4000)
-
-
-def _length_name(base: str, epochs: int) -> str:
-    return f"{base}_{epochs}epoch{'s' if epochs != 1 else ''}"
 
 
 __all__ = [
     "nnUNetTrainerSATStyle",
     "nnUNetTrainerSATStyle_learnedEmbeddings",
     "nnUNetTrainerSATStyle_smoke",
-    *(_length_name("nnUNetTrainerSATStyle", n) for n in LENGTHS),
+    *(length_name("nnUNetTrainerSATStyle", n) for n in LENGTHS),
 ]
 
 
@@ -274,46 +270,11 @@ class nnUNetTrainerSATStyle_learnedEmbeddings(nnUNetTrainerSATStyle):
     sat_text_encoder = None
 
 
-class nnUNetTrainerSATStyle_smoke(nnUNetTrainerSATStyle):
-    """One tiny epoch (10 training, 5 validation iterations): for smoke tests and CI."""
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 5
+nnUNetTrainerSATStyle_smoke = smoke_variant(nnUNetTrainerSATStyle, __name__)
 
 
 def _length_variant(epochs: int) -> type[nnUNetTrainerSATStyle]:
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ) -> None:
-        nnUNetTrainerSATStyle.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-
-    name = _length_name("nnUNetTrainerSATStyle", epochs)
-    return type(
-        name,
-        (nnUNetTrainerSATStyle,),
-        {
-            "__init__": __init__,
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"nnUNetTrainerSATStyle for {epochs} epochs.",
-        },
-    )
+    return length_variant(nnUNetTrainerSATStyle, epochs, __name__)
 
 
 # the same training lengths nnU-Net offers for nnUNetTrainer
