@@ -317,14 +317,23 @@ def test_activation_side_rule_picks_the_cheaper_side():
 
 
 @pytest.mark.parametrize("scalings", [(2.0, 2.0, 2.0), (4.0, 1.0, 0.5)], ids=["same-scale", "per-region-scale"])
-def test_activation_side_one_sample_per_region_fp64(scalings):
-    """The one-grouped-conv branch of the activation side (one sample per region, equal ranks) is exact."""
+@pytest.mark.parametrize(
+    "cin, kernel, padding",
+    [(5, (1, 3, 3), (0, 1, 1)), (7, 3, 1), (9, 3, 1), (2, (3, 1, 2), (1, 0, 1))],
+    ids=["k0=1", "cin-not-multiple-of-k0", "cin-multiple-of-k0", "cin-below-k0"],
+)
+def test_activation_side_one_sample_per_region_fp64(scalings, cin, kernel, padding):
+    """The one-grouped-conv branch of the activation side (one sample per region, equal ranks) is exact.
+
+    The channel counts cover every layout of A_t's k0 input chunks: one chunk, chunks that overlap in a
+    channel, chunks that tile the channels, and chunks inside a single channel.
+    """
     torch.manual_seed(0)
-    layer = ExpertConv3d(nn.Conv3d(5, 7, (1, 3, 3), padding=(0, 1, 1)).double(), (2, 2, 2), scalings)
+    layer = ExpertConv3d(nn.Conv3d(cin, 7, kernel, padding=padding).double(), (2, 2, 2), scalings)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_(0, 0.3)
-    x = torch.randn(3, 5, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, cin, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     ids = [2, 0, 1]
     layer.train()
     with route(layer, ids):
@@ -333,7 +342,26 @@ def test_activation_side_one_sample_per_region_fp64(scalings):
     y.square().sum().backward()
     for b, t in enumerate(ids):
         w = layer.weight.detach() + layer.get_delta_weight(t)
-        yb = F.conv3d(x[b : b + 1].detach(), w, layer.bias.detach(), padding=(0, 1, 1))
+        yb = F.conv3d(x[b : b + 1].detach(), w, layer.bias.detach(), padding=padding)
         (ga, gb) = torch.autograd.grad(yb.square().sum(), (layer.lora_A[t], layer.lora_B[t]))
         torch.testing.assert_close(layer.lora_A[t].grad, ga, rtol=0, atol=1e-10)
         torch.testing.assert_close(layer.lora_B[t].grad, gb, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("conv", [nn.Conv2d, nn.Conv3d])
+def test_padding_modes_fp64(conv, padding_mode, expert_path):
+    """Non-zero padding modes pad before every convolution of both sides, like the plain layer does."""
+    torch.manual_seed(0)
+    base = conv(5, 4, 3, padding=1, padding_mode=padding_mode).double()
+    layer = EXPERT_CLASS[conv](base, (2, 3, 2), (2.0, 1.0, 2.0))
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    ids = [1, 0, 1, 2]
+    x = torch.randn(len(ids), 5, *([6] * (conv is nn.Conv3d)), 7, 5, dtype=torch.float64)
+    with route(layer, ids):
+        y = layer(x)
+    for b, t in enumerate(ids):
+        expected = base._conv_forward(x[b : b + 1], layer.weight + layer.get_delta_weight(t), layer.bias)
+        assert (y[b : b + 1] - expected).abs().max().item() <= 1e-10

@@ -212,18 +212,61 @@ class ExpertLayer:
             return tuple(d * (k - 1) for k, d in zip(self.kernel_size, self.dilation, strict=True))
         return tuple(2 * p for p in self.padding)
 
-    def _lora_a_as_conv(self, region: int) -> torch.Tensor:
-        """A_t as a conv weight of k0*r*k0 output channels whose output feeds B_t.
+    def _chunk_layout(self) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        """Where each of A_t's k0 input chunks lies in the input channels: (channels per chunk, starts, offsets).
 
-        The expert's delta is ``(B_t @ A_t).view(weight.shape)``: output channel o of the conv takes rows
-        o*k0 .. o*k0+k0-1 of ``B_t @ A_t``, row o*k0+j applying to the j-th contiguous chunk (length
-        d1*k1*k2) of the flattened (d1, k0, k1, k2) input window. So ``delta * window`` is
-        ``B_t.view(d0, k0*r*k0) @ (blockdiag(A_t, ..., A_t) @ window)`` with k0 copies of A_t: a conv with the
-        block-diagonal weight followed by a 1x1 mixing with B_t.
+        The expert's delta is ``(B_t @ A_t).view(weight.shape)``: output channel o takes rows o*k0 .. o*k0+k0-1
+        of ``B_t @ A_t``, row o*k0+j applying to the j-th contiguous chunk (length L = d1*k1*k2) of the
+        flattened (d1, k0, k1, k2) input window. Chunk j starts at flat position j*L, that is inside input
+        channel floor(j*L / P) with P = k0*k1*k2, and covers about d1/k0 channels. So A_t applied to chunk j
+        is a convolution over a channel slice of n channels whose weight is A_t padded with zeros at both
+        ends of the slice: the k0 chunks together form a grouped conv (groups = k0) over k0 overlapping
+        channel slices, which wastes a few channels' worth of zeros instead of the (k0-1)/k0 of a
+        block-diagonal weight over all channels. The slices are widened to a multiple of 8 channels: the
+        grouped conv's forward + backward measured 1.6x faster so (86 -> 88 channels at 4^3: 2.96 -> 1.78 ms).
         """
-        k0 = self.weight.shape[2]
+        layout = self.__dict__.get("_chunk_layout_cache")
+        if layout is None:
+            d1, k0 = self.weight.shape[1], self.weight.shape[2]
+            per_channel = math.prod(self.weight.shape[2:])
+            length = d1 * per_channel // k0
+            first = [j * length // per_channel for j in range(k0)]
+            last = [-(-(j + 1) * length // per_channel) for j in range(k0)]
+            n = max(b - a for a, b in zip(first, last, strict=True))
+            n = min(d1, -(-n // 8) * 8)  # multiples of 8 channels: 1.6x faster grouped conv (oneDNN)
+            starts = tuple(min(a, d1 - n) for a in first)
+            offsets = tuple(j * length - c * per_channel for j, c in enumerate(starts))
+            layout = (n, starts, offsets)
+            self.__dict__["_chunk_layout_cache"] = layout
+        return layout
+
+    def _chunked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x with its channels rearranged into the k0 (overlapping) slices of ``_chunk_layout``."""
+        n, starts, _ = self._chunk_layout()
+        if n * len(starts) == x.shape[1]:  # d1 divisible by k0: the slices tile the channels
+            return x
+        index = torch.cat([torch.arange(c, c + n, device=x.device) for c in starts])
+        return x.index_select(1, index)
+
+    def _lora_a_as_conv(self, region: int) -> torch.Tensor:
+        """A_t as the weight of the grouped conv (groups = k0) over ``_chunked_input``: k0*r*k0 output channels.
+
+        Output channel j*r*k0 + i is row i of A_t applied to chunk j, the order in which ``B_t`` (viewed as
+        d0 x k0*r*k0) consumes them: ``delta * window = B_t.view(d0, -1) @ z``.
+        """
+        n, _, offsets = self._chunk_layout()
         a = self.lora_A[region]
-        return torch.block_diag(*([a] * k0)).view(-1, *self.weight.shape[1:])
+        padded = n * math.prod(self.weight.shape[2:])
+        blocks = [F.pad(a, (off, padded - a.shape[1] - off)) for off in offsets]
+        return torch.cat(blocks).view(-1, n, *self.weight.shape[2:])
+
+    def _conv_groups(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        """This layer's convolution (stride, padding mode, dilation) with another weight and group count."""
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(x, weight, None, self.stride, 0, self.dilation, groups)
+        return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
 
     def _run_activation_side(self, x: torch.Tensor, regions: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """``conv(x, W0) + s_t * B_t(A_t(x))`` per sample: one batched W0 conv, then the low-rank corrections.
@@ -232,23 +275,29 @@ class ExpertLayer:
         weight-side forward.
         """
         y = self._run_conv(x, self.weight)
-        d0 = self.weight.shape[0]
+        d0, k0 = self.weight.shape[0], self.weight.shape[2]
+        xc = self._chunked_input(x)
         equal_ranks = len({self.lora_A[t].shape for t in regions}) == 1
-        if equal_ranks and len(regions) > 1 and all(n == 1 for n in sizes) and self.padding_mode == "zeros":
+        if equal_ranks and len(regions) > 1 and all(n == 1 for n in sizes):
             # one sample per region: one grouped conv with the regions side by side in channels
             n_regions = len(regions)
             lora_b = torch.stack([self.lora_B[t] for t in regions]).view(n_regions, d0, -1)
             weight = torch.cat([self._lora_a_as_conv(t) for t in regions])
-            conv = F.conv2d if x.dim() == 4 else F.conv3d
-            z = conv(x.reshape(1, -1, *x.shape[2:]), weight, None, self.stride, self.padding, self.dilation, n_regions)
-            corr = torch.bmm(lora_b, z.reshape(n_regions, lora_b.shape[-1], -1))
+            z = self._conv_groups(xc.reshape(1, -1, *x.shape[2:]), weight, n_regions * k0)
             scalings = [self.scaling[t] for t in regions]
-            scale = scalings[0] if len(set(scalings)) == 1 else corr.new_tensor(scalings).view(-1, 1, 1)
-            corr = corr * scale
+            alpha = scalings[0]
+            if len(set(scalings)) != 1:
+                lora_b = lora_b * lora_b.new_tensor(scalings).view(-1, 1, 1)
+                alpha = 1.0
+            # y + s_t * B_t z_t in one kernel: the output view (regions, d0, voxels) of y is one sample each
+            out = torch.baddbmm(
+                y.reshape(n_regions, d0, -1), lora_b, z.reshape(n_regions, lora_b.shape[-1], -1), alpha=alpha
+            )
+            return out.view_as(y)
         else:
             parts = []
-            for t, chunk in zip(regions, torch.split(x, sizes), strict=True):
-                z = self._conv_forward(chunk, self._lora_a_as_conv(t), None).flatten(2)  # type: ignore[attr-defined]
+            for t, chunk in zip(regions, torch.split(xc, sizes), strict=True):
+                z = self._conv_groups(chunk, self._lora_a_as_conv(t), k0).flatten(2)
                 parts.append(torch.matmul(self.lora_B[t].view(d0, -1), z) * self.scaling[t])
             corr = torch.cat(parts)
         return y + corr.view_as(y)
