@@ -606,9 +606,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             root = args.work_dir
             root.mkdir(parents=True, exist_ok=True)
-        env = {RESULTS_VAR: str(root / "results")}  # -d: the user's results folder is never written to
+        # -d: the user's results folder is never written to
+        env: dict[str, str | None] = {RESULTS_VAR: str(root / "results")}
         if args.dataset is None:
             env.update({RAW_VAR: str(root / "raw"), PREPROCESSED_VAR: str(root / "preprocessed")})
+            # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which raises at 0, the value
+            # CPU users export; plan with nnU-Net's default, time with 0 (below), restore the user's after
+            env[DA_PROCESSES_VAR] = None
         with nnunet_environment(**env):
             try:
                 test_image, dataset_name, data_note = _prepare_data(args, shape, root)

@@ -165,6 +165,7 @@ def _check_quick_output(out: str, region: str) -> None:
 @pytest.mark.slow
 def test_quick_run_synthetic_then_existing_dataset(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env["nnUNet_n_proc_DA"] = "0"  # what CPU users export; nnU-Net's planner alone would fail on it
     env["TMPDIR"] = str(tmp_path / "tmp")  # the benchmark's temporary folder must be gone afterwards
     (tmp_path / "tmp").mkdir()
     md = tmp_path / "benchmarks.md"
