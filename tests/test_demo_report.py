@@ -252,3 +252,16 @@ def test_demo_leaves_out_an_unavailable_optional_region_loudly(tmp_path: Path) -
     (demo.raw / "lorkd_data_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DemoError, match="lorkd-data built regions"):
         demo.adopt_manifest()
+
+
+def test_demo_environment_keeps_zero_da_workers_away_from_the_planner(tmp_path, monkeypatch):
+    """An exported nnUNet_n_proc_DA=0 reaches training commands only: nnU-Net's planner fails on it."""
+    from nnunetv2_lorkd.demo.run import Demo
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    demo = Demo(preset=PRESETS["cpu"], work=tmp_path, regions=("abdomen", "pelvis"), out=lambda _: None)
+    assert "nnUNet_n_proc_DA" not in demo.env()
+    assert demo.env(training=True)["nnUNet_n_proc_DA"] == "0"
+    assert demo.env()["nnUNet_raw"] == str(tmp_path.resolve() / "nnUNet_raw")
+    monkeypatch.setenv("nnUNet_n_proc_DA", "3")
+    assert demo.env()["nnUNet_n_proc_DA"] == "3"  # any other value is the user's choice

@@ -204,6 +204,10 @@ class Demo:
         )
         if training and self.preset.device == "cpu":  # (0 would break the planner: training commands only)
             env["nnUNet_n_proc_DA"] = "0"
+        elif not training and env.get("nnUNet_n_proc_DA") == "0":
+            # the user's CPU setting: nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA) and
+            # fails at 0; only training reads the variable for real
+            del env["nnUNet_n_proc_DA"]
         return env
 
     def trainer(self, base: str) -> str:
