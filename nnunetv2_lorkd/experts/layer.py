@@ -245,7 +245,10 @@ class ExpertLayer:
         n, starts, _ = self._chunk_layout()
         if n * len(starts) == x.shape[1]:  # d1 divisible by k0: the slices tile the channels
             return x
-        index = torch.cat([torch.arange(c, c + n, device=x.device) for c in starts])
+        index = self.__dict__.get("_chunk_index")
+        if index is None or index.device != x.device:  # built once per device, not on every forward
+            index = torch.cat([torch.arange(c, c + n, device=x.device) for c in starts])
+            self.__dict__["_chunk_index"] = index
         return x.index_select(1, index)
 
     def _lora_a_as_conv(self, region: int) -> torch.Tensor:
@@ -260,13 +263,15 @@ class ExpertLayer:
         blocks = [F.pad(a, (off, padded - a.shape[1] - off)) for off in offsets]
         return torch.cat(blocks).view(-1, n, *self.weight.shape[2:])
 
-    def _conv_groups(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    def _conv_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, groups: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """This layer's convolution (stride, padding mode, dilation) with another weight and group count."""
         conv = F.conv2d if x.dim() == 4 else F.conv3d
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(x, weight, None, self.stride, 0, self.dilation, groups)
-        return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _run_activation_side(self, x: torch.Tensor, regions: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """``conv(x, W0) + s_t * B_t(A_t(x))`` per sample: one batched W0 conv, then the low-rank corrections.
@@ -307,8 +312,7 @@ class ExpertLayer:
         t = len(regions)
         weight = self.expert_weights(regions).flatten(0, 1)
         bias = None if self.bias is None else self.bias.repeat(t)
-        y = F.conv2d if x.dim() == 4 else F.conv3d
-        out = y(x.reshape(1, t * x.shape[1], *x.shape[2:]), weight, bias, self.stride, self.padding, self.dilation, t)
+        out = self._conv_groups(x.reshape(1, t * x.shape[1], *x.shape[2:]), weight, t, bias)
         return out.view(t, -1, *out.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
