@@ -12,8 +12,26 @@ STAMP="$VENV/.lorkd-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[lorkd] installing nnunetv2-lorkd and its dependencies into $VENV (first time: a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+    FREE_GB="$(df -Pk "$VENV" | awk 'NR == 2 {printf "%d", $4 / 1048576}')"
+    if [ "$FREE_GB" -lt 7 ]; then
+        echo "[lorkd] warning: only ${FREE_GB} GB free where $VENV lives; the install needs about 7 GB" \
+             "(torch's CUDA build). If it fails with 'No space left on device', free disk space and run again." >&2
+    fi
+    PIP=("$VENV/bin/python" -m pip)
+    "${PIP[@]}" install --quiet --upgrade pip
+    # Resolve once (metadata only), then install the resolved wheels in several pip calls, the large ones one per
+    # call: one call would hold all ~3 GB of downloaded wheels on disk beside the installed ~6.5 GB.
+    REPORT="$(mktemp "${TMPDIR:-/tmp}/lorkd-pip-report.XXXXXX")"
+    trap 'rm -f "$REPORT"' EXIT
+    "${PIP[@]}" install --quiet --dry-run --report "$REPORT" -e "$ROOT[test]"
+    PLAN="$("$VENV/bin/python" "$ROOT/scripts/_install_plan.py" "$REPORT")"
+    while read -r -a WHEELS; do
+        [ "${#WHEELS[@]}" -eq 0 ] || "${PIP[@]}" install --quiet --no-deps "${WHEELS[@]}"
+    done <<< "$PLAN"
+    # The project itself, with pip's dependency check over everything installed above.
+    "${PIP[@]}" install --quiet -e "$ROOT[test]"
+    rm -f "$REPORT"
+    trap - EXIT
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
