@@ -21,17 +21,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "${PIP[@]}" install --quiet --upgrade pip
     # Resolve once (metadata only), then install the resolved wheels in several pip calls, the large ones one per
     # call: one call would hold all ~3 GB of downloaded wheels on disk beside the installed ~6.5 GB.
-    REPORT="$(mktemp "${TMPDIR:-/tmp}/lorkd-pip-report.XXXXXX")"
-    trap 'rm -f "$REPORT"' EXIT
-    "${PIP[@]}" install --quiet --dry-run --report "$REPORT" -e "$ROOT[test]"
-    PLAN="$("$VENV/bin/python" "$ROOT/scripts/_install_plan.py" "$REPORT")"
+    PLAN="$("${PIP[@]}" install --quiet --dry-run --report - -e "$ROOT[test]" \
+            | "$VENV/bin/python" "$ROOT/scripts/_install_plan.py")"
     while read -r -a WHEELS; do
         [ "${#WHEELS[@]}" -eq 0 ] || "${PIP[@]}" install --quiet --no-deps "${WHEELS[@]}"
     done <<< "$PLAN"
     # The project itself, with pip's dependency check over everything installed above.
     "${PIP[@]}" install --quiet -e "$ROOT[test]"
-    rm -f "$REPORT"
-    trap - EXIT
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -3,7 +3,8 @@
 pip downloads every wheel of one call before it installs any, and keeps them until the call ends. With torch's
 CUDA build that is about 3 GB of wheels on top of about 6.5 GB installed, and a CI machine with 9 GB free fails
 half-way. Installing the large wheels (torch, triton, the nvidia and cuda packages) one per call, and the rest in
-one call, bounds the extra space by the largest single wheel. Each line printed is the URLs of one pip call.
+one call, bounds the extra space by the largest single wheel. Reads the report on stdin; each line printed is the
+URLs of one pip call.
 """
 
 from __future__ import annotations
@@ -36,11 +37,7 @@ def plan(report: dict) -> list[list[str]]:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python _install_plan.py REPORT.json")
-    with open(sys.argv[1], encoding="utf-8") as handle:
-        report = json.load(handle)
-    for call in plan(report):
+    for call in plan(json.load(sys.stdin)):
         print(" ".join(call))
 
 
