@@ -325,8 +325,9 @@ def test_activation_side_rule_picks_the_cheaper_side():
 def test_activation_side_one_sample_per_region_fp64(scalings, cin, kernel, padding):
     """The one-grouped-conv branch of the activation side (one sample per region, equal ranks) is exact.
 
-    The channel counts cover every layout of A_t's k0 input chunks: one chunk, chunks that overlap in a
-    channel, chunks that tile the channels, and chunks inside a single channel.
+    The kernels and channel counts cover k0 = 1 and Cin not a multiple of k0, a multiple of it, and below it:
+    A_t's k0 chunks of the flattened (Cin, k0, ...) window then straddle input channels in every way, and the
+    stacked taps must still put chunk j at index j.
     """
     torch.manual_seed(0)
     layer = ExpertConv3d(nn.Conv3d(cin, 7, kernel, padding=padding).double(), (2, 2, 2), scalings)
@@ -364,4 +365,32 @@ def test_padding_modes_fp64(conv, padding_mode, expert_path):
         y = layer(x)
     for b, t in enumerate(ids):
         expected = base._conv_forward(x[b : b + 1], layer.weight + layer.get_delta_weight(t), layer.bias)
+        assert (y[b : b + 1] - expected).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "conv, kernel, padding, dilation",
+    [
+        (nn.Conv3d, (4, 3, 2), "same", (2, 1, 1)),  # even kernels: asymmetric 'same' padding
+        (nn.Conv3d, (2, 3, 3), "valid", 1),
+        (nn.Conv2d, (4, 3), "same", (1, 2)),
+        (nn.Conv2d, (3, 2), "valid", (2, 1)),
+    ],
+    ids=["3d-same-even", "3d-valid", "2d-same-even", "2d-valid-dilated"],
+)
+@pytest.mark.parametrize("ids", [[1, 0, 2, 0], [1, 0, 2]], ids=["regions-of-two", "one-sample-per-region"])
+def test_string_padding_and_dilation_fp64(conv, kernel, padding, dilation, ids, expert_path):
+    """padding='same'/'valid' with dilation: the taps of the first spatial dim are padded like the plain conv."""
+    torch.manual_seed(0)
+    base = conv(6, 5, kernel, padding=padding, dilation=dilation).double()
+    layer = EXPERT_CLASS[conv](base, (2, 3, 2), (2.0, 1.0, 2.0))
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    x = torch.randn(len(ids), 6, *([7] * (conv is nn.Conv3d)), 8, 9, dtype=torch.float64)
+    with route(layer, ids):
+        y = layer(x)
+    for b, t in enumerate(ids):
+        expected = base._conv_forward(x[b : b + 1], layer.weight + layer.get_delta_weight(t), layer.bias)
+        assert y.shape == (len(ids), *expected.shape[1:])
         assert (y[b : b + 1] - expected).abs().max().item() <= 1e-10
