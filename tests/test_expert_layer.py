@@ -234,6 +234,15 @@ def test_cpu_grouped_path_for_one_sample_per_region():
     assert layer._grouped_conv_is_faster(x, (1, 1))
     assert not layer._grouped_conv_is_faster(x.double(), (1, 1))  # fp64 and uneven groups keep the split path
     assert not layer._grouped_conv_is_faster(torch.randn(3, 4, 6, 6, 6), (2, 1))
+    assert not layer._grouped_conv_is_faster(torch.empty(2, 4, 3, 3, 3), (1, 1))  # below 4^3: native kernel
+    wide = ExpertConv3d(nn.Conv3d(32, 32, 3, padding=1), (2, 2), (2.0, 2.0))
+    assert wide._grouped_conv_is_faster(torch.empty(2, 32, 32, 32, 32), (1, 1))  # oneDNN per sample, but small maps
+    assert not wide._grouped_conv_is_faster(torch.empty(2, 32, 32, 64, 64), (1, 1))  # big maps: one call per sample
+    first = ExpertConv3d(nn.Conv3d(1, 32, 3, padding=1), (2, 2), (2.0, 2.0))
+    assert not first._grouped_conv_is_faster(torch.empty(2, 1, 32, 32, 32), (1, 1))  # one input channel
+    flat = ExpertConv2d(nn.Conv2d(32, 32, 3, padding=1), (2, 2), (2.0, 2.0))
+    assert flat._grouped_conv_is_faster(torch.empty(2, 32, 16, 16), (1, 1))  # 2D: the native rule alone
+    assert not flat._grouped_conv_is_faster(torch.empty(2, 32, 32, 32), (1, 1))
     ids = [2, 0]
     with route(layer, ids, touch_absent_experts=True):
         y = layer(x)

@@ -165,12 +165,15 @@ class ExpertLayer:
     def _grouped_conv_is_faster(self, x: torch.Tensor, sizes: tuple[int, ...]) -> bool:
         """Whether one grouped convolution (groups = regions present) beats one convolution per region.
 
-        Only on CPU and only when every region has a single sample: PyTorch runs a one-sample, ungrouped
+        Only on CPU and only when every region has a single sample. PyTorch runs a one-sample, ungrouped
         float32 conv with a 3-wide kernel on its slow native kernel unless C*d2*d3 > 20480 (the oneDNN rule in
         ATen's Convolution.cpp), which makes a 3D U-Net's middle stages 2-5x slower than the plain batched
-        conv; grouped convs always take oneDNN. Above that size one oneDNN call per sample is faster than the
-        grouped conv (up to 1.3x at 32x64x64), and below 4x4x4 voxels the native kernel is faster again
-        (docs/benchmarks.md has the measurements).
+        conv; grouped convs always take oneDNN. Above that size, one oneDNN call per sample is faster than the
+        grouped conv on big maps (up to 1.3x at 32x64x64), but on 3D maps of at most 32^3 voxels the grouped
+        conv wins inside a network: it needs no join of the per-sample outputs and input gradients, and the
+        whole 32^3 training step measured about 3% faster so. Two cases keep one conv per sample: maps below
+        4x4x4 voxels, where the native kernel is faster, and a single input channel (a CT network's first
+        layer), where oneDNN's grouped conv is slower than the native per-sample one (docs/benchmarks.md).
         """
         if x.device.type != "cpu" or x.dtype != torch.float32 or not self._grouped_path or len(sizes) < 2:
             return False
@@ -179,10 +182,15 @@ class ExpertLayer:
         if any(n != 1 for n in sizes):
             return False
         spatial = x.shape[2:]
-        if math.prod(spatial) < 64:
+        voxels = math.prod(spatial)
+        if voxels < 64:
+            return False
+        three_d = len(spatial) == 3
+        if three_d and x.shape[1] == 1:
             return False
         native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
-        return native_rule and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
+        small_3d_maps = three_d and voxels <= 32**3
+        return (native_rule or small_3d_maps) and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
 
     def _activation_side_is_cheaper(self, x: torch.Tensor, regions: tuple[int, ...]) -> bool:
         """Whether to apply the experts to the activations instead of building a weight per region.
