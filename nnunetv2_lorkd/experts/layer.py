@@ -171,7 +171,7 @@ class ExpertLayer:
         conv; grouped convs always take oneDNN. Above that size, one oneDNN call per sample is faster than the
         grouped conv on big maps (up to 1.3x at 32x64x64), but on 3D maps of at most 32^3 voxels the grouped
         conv wins inside a network: it needs no join of the per-sample outputs and input gradients, and the
-        whole 32^3 training step measured about 3% faster so. Two cases keep one conv per sample: maps below
+        whole 32^3 training step measured about 2% faster so. Two cases keep one conv per sample: maps below
         4x4x4 voxels, where the native kernel is faster, and a single input channel (a CT network's first
         layer), where oneDNN's grouped conv is slower than the native per-sample one (docs/benchmarks.md).
         """
