@@ -300,14 +300,12 @@ class ExpertLayer:
             # y + s_t * B_t z_t in one kernel: the output view (regions, d0, voxels) of y is one sample each
             return torch.baddbmm(y.reshape(n_regions, d0, -1), lora_b, z, alpha=alpha).view_as(y)
         outs = []
-        start = 0
-        for t, n, y_t in zip(regions, sizes, torch.split(y, sizes) if n_regions > 1 else (y,), strict=True):
-            chunks = taps[start : start + n].reshape(n * k0, d1, *spatial)
+        for t, n, taps_t, y_t in zip(regions, sizes, torch.split(taps, sizes), torch.split(y, sizes), strict=True):
+            chunks = taps_t.reshape(n * k0, d1, *spatial)
             z = self._lora_a_conv(chunks, self._lora_a_as_conv(t), 1).view(n, -1, voxels)
             lora_b = self.lora_B[t].view(1, d0, -1).expand(n, -1, -1)
             outs.append(torch.baddbmm(y_t.reshape(n, d0, -1), lora_b, z, alpha=self.scaling[t]).view_as(y_t))
-            start += n
-        return torch.cat(outs) if n_regions > 1 else outs[0]
+        return torch.cat(outs) if n_regions > 1 else outs[0]  # cat would copy a single part
 
     def _run_grouped(self, x: torch.Tensor, regions: tuple[int, ...]) -> torch.Tensor:
         """One sample per region: view the batch as one sample with the regions side by side in channels."""
