@@ -198,6 +198,54 @@ def test_merge_and_switch_recompute_from_w0():
         layer(x)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize(
+    "cin, stride, ids, bias",
+    [(1, 1, [1, 0], True), (1, 2, [0, 2], False), (4, 1, [0, 1, 1], True)],
+    ids=["first-layer", "first-layer-stride2-nobias", "uneven-groups"],
+)
+def test_cpu_onednn_path_for_one_sample_groups(cin, stride, ids, bias, monkeypatch):
+    """One-sample groups that ATen would send to its slow native 3D kernel call oneDNN directly; exact all the same."""
+    torch.manual_seed(0)
+    layer = ExpertConv3d(nn.Conv3d(cin, 5, 3, stride=stride, padding=1, bias=bias), (2, 2, 2), (2.0, 2.0, 2.0))
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(len(ids), cin, 8, 8, 8, requires_grad=True)
+    assert layer._one_sample_conv_needs_onednn(x[:1])
+    assert not layer._one_sample_conv_needs_onednn(x[:2])  # two samples: ATen already picks oneDNN
+    assert not layer._one_sample_conv_needs_onednn(x[:1].double())
+    assert not layer._one_sample_conv_needs_onednn(torch.empty(1, cin, 3, 3, 3))  # tiny maps: native is faster
+    assert not layer._one_sample_conv_needs_onednn(torch.empty(1, 32, 32, 32, 32))  # above ATen's 20480 rule
+    with monkeypatch.context() as off:  # the user switched oneDNN off: ATen's choice stands
+        off.setattr(torch.backends.mkldnn, "enabled", False)
+        assert not layer._one_sample_conv_needs_onednn(x[:1])
+    assert torch.backends.mkldnn.enabled
+    calls = []
+    onednn = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or onednn(*a))
+    with route(layer, ids):
+        y = layer(x)
+    assert len(calls) == sum(1 for t in set(ids) if ids.count(t) == 1)  # every one-sample group, nothing else
+    layer64 = ExpertConv3d(nn.Conv3d(cin, 5, 3, stride=stride, padding=1, bias=bias).double(), (2, 2, 2), (2.0,) * 3)
+    layer64.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    x64 = x.detach().double().requires_grad_(True)
+    ref = _reference(layer64, x64, ids)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5)
+    target = torch.randn_like(y)
+    ((y - target) ** 2).sum().backward()
+    ((ref - target.double()) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    for t in range(3):
+        if t not in ids:  # an absent expert gets no gradient at all, a present one its own samples' gradient
+            assert layer.lora_A[t].grad is None and layer.lora_B[t].grad is None
+            continue
+        for got, want in zip((layer.lora_A[t], layer.lora_B[t]), (layer64.lora_A[t], layer64.lora_B[t]), strict=True):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad.double(), layer64.weight.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_layer_errors():
     base = nn.Conv2d(2, 2, 3)
     with pytest.raises(ValueError, match="grouped"):

@@ -19,6 +19,9 @@ from torch import nn
 
 from .routing import RoutingError, RoutingPlan
 
+# torch's direct oneDNN convolution (differentiable); absent in builds without oneDNN
+_ONEDNN_CONV = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+
 _CONV_ATTRS = (
     "in_channels",
     "out_channels",
@@ -173,7 +176,8 @@ class ExpertLayer:
         conv wins inside a network: it needs no join of the per-sample outputs and input gradients, and the
         whole 32^3 training step measured about 2% faster so. Two cases keep one conv per sample: maps below
         4x4x4 voxels, where the native kernel is faster, and a single input channel (a CT network's first
-        layer), where oneDNN's grouped conv is slower than the native per-sample one (docs/benchmarks.md).
+        layer), where oneDNN's grouped conv is slow and one direct oneDNN call per sample is fastest
+        (``_one_sample_conv_needs_onednn``; docs/benchmarks.md).
         """
         if x.device.type != "cpu" or x.dtype != torch.float32 or not self._grouped_path or len(sizes) < 2:
             return False
@@ -191,6 +195,32 @@ class ExpertLayer:
         native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
         small_3d_maps = three_d and voxels <= 32**3
         return (native_rule or small_3d_maps) and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
+
+    def _one_sample_conv_needs_onednn(self, x: torch.Tensor) -> bool:
+        """Whether a one-sample 3D conv should call oneDNN itself instead of letting ATen choose.
+
+        ATen's CPU dispatch (the 20480 rule above) sends a one-sample float32 3D conv with C*D*H <= 20480 to its
+        native ``slow_conv3d``, which for a single input channel (a CT or MR network's first layer, run once
+        per sample because oneDNN's grouped conv is slow there) took 1.3-1.7x the plain batched conv at 32^3
+        and 64^3, forward + backward; ``torch.mkldnn_convolution`` on the same samples took 0.9-1.1x. It is also
+        faster for the one-sample groups of a batch with uneven region sizes at 8^3-16^3 (1.1-1.6x). Tiny maps
+        (below 4^3 voxels) keep the native kernel, which is faster there, and so does a user who switched
+        oneDNN off (``torch.backends.mkldnn.enabled``).
+        """
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 5 or x.shape[0] != 1:
+            return False
+        if not torch.backends.mkldnn.enabled:
+            return False
+        if not (self._grouped_path and _ONEDNN_CONV) or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return False
+        spatial = x.shape[2:]
+        return math.prod(spatial) >= 64 and x.shape[1] * math.prod(spatial[:2]) <= 20480
+
+    def _run_conv_one_sample(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's conv for one group of samples, on oneDNN where ATen would pick its slow native kernel."""
+        if self._one_sample_conv_needs_onednn(x):
+            return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, 1)
+        return self._run_conv(x, weight)
 
     def _activation_side_is_cheaper(self, x: torch.Tensor, regions: tuple[int, ...]) -> bool:
         """Whether to apply the experts to the activations instead of building a weight per region.
@@ -341,7 +371,9 @@ class ExpertLayer:
             y = self._run_grouped(x, regions)
         else:
             weights = self.expert_weights(regions)
-            y = torch.cat([self._run_conv(c, w) for c, w in zip(torch.split(x, sizes), weights, strict=True)])
+            y = torch.cat(
+                [self._run_conv_one_sample(c, w) for c, w in zip(torch.split(x, sizes), weights, strict=True)]
+            )
         return y if inv_perm is None else y.index_select(0, inv_perm)
 
     def _forward_merged(self, x: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
