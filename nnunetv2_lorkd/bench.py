@@ -187,14 +187,39 @@ class Timing:
     p25_ms: float
     p75_ms: float
     samples: int
+    values_ms: tuple[float, ...] = ()  # the per-repeat times, in repeat order (for ratio intervals)
 
 
 def _summarise(samples_ms: list[float]) -> Timing:
     med = statistics.median(samples_ms)
     if len(samples_ms) >= 2:
         q = statistics.quantiles(samples_ms, n=4, method="inclusive")
-        return Timing(med, q[0], q[2], len(samples_ms))
-    return Timing(med, med, med, len(samples_ms))
+        return Timing(med, q[0], q[2], len(samples_ms), tuple(samples_ms))
+    return Timing(med, med, med, len(samples_ms), tuple(samples_ms))
+
+
+def ratio_interval(
+    numerator: Timing, denominator: Timing, level: float = 0.9, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Bootstrap interval of median(numerator) / median(denominator) over the timed repeats.
+
+    One run's ratio moves by a few percent from repeat noise alone, which decides a verdict near a limit;
+    the interval says how far. Repeats are resampled in pairs (the same repeat index for both variants),
+    because ``time_interleaved`` times every variant once per repeat and slow spells hit both alike.
+    ``None`` when there are fewer than 5 paired repeats to resample.
+    """
+    num, den = numerator.values_ms, denominator.values_ms
+    n = len(num)
+    if n < 5 or len(den) != n:
+        return None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(num[i] for i in picks) / statistics.median(den[i] for i in picks))
+    ratios.sort()
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[math.ceil((1.0 - tail) * (resamples - 1))]
 
 
 def time_interleaved(
@@ -260,7 +285,10 @@ class Section:
     ours: str
 
     def ms(self, variant: str) -> float:
-        return next(r.timing.median_ms for r in self.rows if r.variant == variant)
+        return self.timing(variant).median_ms
+
+    def timing(self, variant: str) -> Timing:
+        return next(r.timing for r in self.rows if r.variant == variant)
 
 
 PLAIN, OURS_IN_NET, OURS, OFFICIAL, OFFICIAL_MM, LOOP = (
@@ -522,15 +550,25 @@ class TargetResult:
     limit: float
     at_most: bool  # True: value <= limit is a pass; False: value >= limit is a pass
     passed: bool | None
+    interval: tuple[float, float] | None = None  # 90% bootstrap interval of the ratio (see ratio_interval)
 
     def verdict(self) -> str:
         if self.passed is None:
             return "n/a (not the size the target is defined on)"
         return "PASS" if self.passed else "MISS"
 
+    def interval_text(self) -> str:
+        """'1.065-1.098', with a note when the interval holds the limit (the run alone cannot settle it)."""
+        if self.interval is None:
+            return "-"
+        low, high = self.interval
+        text = f"{low:.3f}-{high:.3f}"
+        return text + " (holds the limit)" if low <= self.limit <= high else text
+
     def line(self) -> str:
         op = "<=" if self.at_most else ">="
-        return f"{self.description}: {self.value:.3f}x (target {op} {self.limit:.2f}x)  {self.verdict()}"
+        interval = "" if self.interval is None else f", 90% CI {self.interval_text()}"
+        return f"{self.description}: {self.value:.3f}x{interval} (target {op} {self.limit:.2f}x)  {self.verdict()}"
 
 
 def evaluate_targets(
@@ -538,31 +576,27 @@ def evaluate_targets(
 ) -> list[TargetResult]:
     """Compare the measured ratios with the targets of the core issue (no verdict off the defined sizes)."""
 
-    def result(description: str, value: float, limit: float, at_most: bool, applies: bool = True) -> TargetResult:
+    def result(
+        description: str, s: Section, over: str, under: str, limit: float, at_most: bool, applies: bool = True
+    ) -> TargetResult:
+        value = s.ms(over) / s.ms(under)
         passed = None if quick or not applies else (value <= limit if at_most else value >= limit)
-        return TargetResult(description, value, limit, at_most, passed)
+        interval = ratio_interval(s.timing(over), s.timing(under))
+        return TargetResult(description, value, limit, at_most, passed, interval)
 
     out = []
     for s in sections:
-        ratio = s.ms(s.ours) / s.ms(s.reference)
         if s.reference == PLAIN:
             name = s.title.split(" ")[0]
-            out.append(result(f"{name} expert conv / plain conv ({device.type})", ratio, TARGET_CONV_RATIO, True))
+            description = f"{name} expert conv / plain conv ({device.type})"
+            out.append(result(description, s, s.ours, s.reference, TARGET_CONV_RATIO, True))
             if name == "2D":
-                speedup = s.ms(OFFICIAL) / s.ms(s.ours)
-                out.append(
-                    result(
-                        "2D official-style / ours (speed-up, B=64, T=8)",
-                        speedup,
-                        TARGET_OFFICIAL_SPEEDUP,
-                        False,
-                    )
-                )
+                description = "2D official-style / ours (speed-up, B=64, T=8)"
+                out.append(result(description, s, OFFICIAL, s.ours, TARGET_OFFICIAL_SPEEDUP, False))
         else:
             limit = TARGET_NET_RATIO[device.type]
-            out.append(
-                result(f"routed U-Net step / plain U-Net step ({device.type})", ratio, limit, True, net_size_is_default)
-            )
+            description = f"routed U-Net step / plain U-Net step ({device.type})"
+            out.append(result(description, s, s.ours, s.reference, limit, True, net_size_is_default))
     return out
 
 
@@ -624,10 +658,11 @@ def markdown_section(
                 f"{t.median_ms / ref:.2f}x | {t.median_ms / ours:.2f}x |"
             )
         lines.append("")
-    lines += ["| target | measured | limit | result |", "|---|---:|---:|---|"]
+    lines += ["| target | measured | 90% CI | limit | result |", "|---|---:|---:|---:|---|"]
     for t in targets:
         op = "≤" if t.at_most else "≥"
-        lines.append(f"| {t.description} | {t.value:.3f}x | {op} {t.limit:.2f}x | {t.verdict()} |")
+        interval = t.interval_text().replace("-", "–", 1)
+        lines.append(f"| {t.description} | {t.value:.3f}x | {interval} | {op} {t.limit:.2f}x | {t.verdict()} |")
     return "\n".join(lines) + "\n"
 
 
@@ -731,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(format_section(sections[-1])), end="\n\n", flush=True)
 
     targets = evaluate_targets(sections, device, args.quick, net_size_is_default)
-    print("summary (ratios of medians; targets of the core issue):")
+    print("summary (ratios of medians, 90% CI by a paired bootstrap over the repeats; targets of the core issue):")
     for t in targets:
         print(f"  {t.line()}")
     if args.quick:

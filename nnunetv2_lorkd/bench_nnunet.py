@@ -50,6 +50,7 @@ from .bench import (
     machine_description,
     markdown_section,
     positive_int,
+    ratio_interval,
     time_interleaved,
 )
 
@@ -445,28 +446,22 @@ def build_predictors(folders: dict[str, Path], fold: int, device: torch.device, 
 
 # ------------------------------------------------------------------------------------------------ report
 def evaluate_targets(sections: dict[str, Section], device: torch.device, quick: bool) -> list[TargetResult]:
-    def result(description: str, value: float, limit: float, at_most: bool) -> TargetResult:
+    def result(description: str, s: Section, limit: float, at_most: bool) -> TargetResult:
+        value = s.ms(s.ours) / s.ms(s.reference)
         passed = None if quick else (value <= limit if at_most else value >= limit)
-        return TargetResult(description, value, limit, at_most, passed)
+        interval = ratio_interval(s.timing(s.ours), s.timing(s.reference))
+        return TargetResult(description, value, limit, at_most, passed, interval)
 
     out = []
     if "step" in sections:
         s = sections["step"]
-        out.append(
-            result(
-                f"{s.ours.removesuffix(' train_step')} / {s.reference.removesuffix(' train_step')} train_step "
-                f"({device.type})",
-                s.ms(s.ours) / s.ms(s.reference),
-                TARGET_NET_RATIO[device.type],
-                True,
-            )
-        )
+        ours, reference = s.ours.removesuffix(" train_step"), s.reference.removesuffix(" train_step")
+        out.append(result(f"{ours} / {reference} train_step ({device.type})", s, TARGET_NET_RATIO[device.type], True))
     if "predict" in sections:
         s = sections["predict"]
-        ratio = s.ms(s.ours) / s.ms(s.reference)
         name = f"fused / vanilla prediction ({device.type})"
-        out.append(result(f"{name}, upper", ratio, 1 + TARGET_PREDICTION_TOLERANCE, True))
-        out.append(result(f"{name}, lower", ratio, 1 - TARGET_PREDICTION_TOLERANCE, False))
+        out.append(result(f"{name}, upper", s, 1 + TARGET_PREDICTION_TOLERANCE, True))
+        out.append(result(f"{name}, lower", s, 1 - TARGET_PREDICTION_TOLERANCE, False))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -150,3 +151,41 @@ def test_no_network_verdict_off_the_defined_patch():
     assert at_default.passed is True and at_default.verdict() == "PASS"
     assert elsewhere.passed is None and elsewhere.verdict().startswith("n/a")
     assert elsewhere.value == at_default.value == 1.05
+
+
+def test_ratio_interval_pairs_the_repeats():
+    """The interval resamples repeats in pairs: a slow spell that hits both variants alike does not widen it."""
+    spells = [1.0, 1.3, 0.8, 1.1, 0.9, 1.25, 0.85, 1.05, 1.2, 0.95]
+    plain = bench._summarise([100.0 * f for f in spells])
+    ours = bench._summarise([105.0 * f for f in spells])
+    low, high = bench.ratio_interval(ours, plain)
+    assert low == pytest.approx(1.05) and high == pytest.approx(1.05)
+    jitter = [1.0, 1.02, 0.97, 1.04, 0.99, 1.01, 0.96, 1.03, 1.0, 0.98]
+    noisy = bench._summarise([105.0 * f * j for f, j in zip(spells, jitter, strict=True)])
+    low, high = bench.ratio_interval(noisy, plain)
+    assert low < noisy.median_ms / plain.median_ms < high and high - low < 0.1
+    assert bench.ratio_interval(bench._summarise([1.0] * 4), bench._summarise([1.0] * 4)) is None  # too few
+
+
+def test_targets_carry_their_interval():
+    """Each target line and the markdown table show the 90% interval, and say when it holds the limit."""
+    spells = [1.0, 1.3, 0.8, 1.1, 0.9, 1.25, 0.85, 1.05, 1.2, 0.95]
+    jitter = [1.0, 1.06, 0.93, 1.08, 0.97, 1.03, 0.92, 1.05, 1.0, 0.94]
+    section = bench.Section(
+        "whole-network training step",
+        "cfg",
+        [
+            bench.Row(bench.PLAIN_NET, bench._summarise([100.0 * f for f in spells])),
+            bench.Row(bench.OURS_NET, bench._summarise([109.0 * f * j for f, j in zip(spells, jitter, strict=True)])),
+        ],
+        bench.PLAIN_NET,
+        bench.OURS_NET,
+    )
+    (target,) = bench.evaluate_targets([section], torch.device("cpu"), quick=False)
+    low, high = target.interval
+    assert low <= target.value <= high and low < target.limit < high
+    assert target.interval_text().endswith("(holds the limit)") and "90% CI" in target.line()
+    md = bench.markdown_section([section], [target], torch.device("cpu"), "m", "s", "c")
+    assert "| target | measured | 90% CI | limit | result |" in md and "(holds the limit)" in md
+    fixed = dataclasses.replace(target, interval=(1.02, 1.06))
+    assert fixed.interval_text() == "1.020-1.060"

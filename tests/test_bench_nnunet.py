@@ -176,7 +176,8 @@ def test_quick_run_synthetic_then_existing_dataset(tmp_path):
     text = md.read_text()
     section = text[text.index(bench_nnunet.SECTION_HEADING) :]
     assert "### CPU (" in section and "Machine: CPU" in section and "QUICK MODE" in section
-    assert section.count("| variant | median ms |") == 3 and "| target | measured | limit | result |" in section
+    assert section.count("| variant | median ms |") == 3
+    assert "| target | measured | 90% CI | limit | result |" in section
     assert bench_nnunet.GPU_PLACEHOLDER in section
     fused_models = list((work / "results").glob("*/nnUNetTrainer__nnUNetPlans_abdomen__3d_fullres/fold_0"))
     assert len(fused_models) == 1
