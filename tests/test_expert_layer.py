@@ -222,6 +222,10 @@ def test_cpu_onednn_path_for_one_sample_groups(cin, stride, ids, bias, monkeypat
         off.setattr(torch.backends.mkldnn, "enabled", False)
         assert not layer._one_sample_conv_needs_onednn(x[:1])
     assert torch.backends.mkldnn.enabled
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs ATen's conv in bfloat16: keep it
+        assert not layer._one_sample_conv_needs_onednn(x[:1])
+        with route(layer, ids):
+            assert layer(x.detach()).dtype == torch.bfloat16
     calls = []
     onednn = torch.mkldnn_convolution
     monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(a[0].shape) or onednn(*a))

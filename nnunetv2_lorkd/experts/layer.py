@@ -22,6 +22,14 @@ from .routing import RoutingError, RoutingPlan
 # torch's direct oneDNN convolution (differentiable); absent in builds without oneDNN
 _ONEDNN_CONV = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 _CONV_ATTRS = (
     "in_channels",
     "out_channels",
@@ -205,11 +213,12 @@ class ExpertLayer:
         and 64^3, forward + backward; ``torch.mkldnn_convolution`` on the same samples took 0.9-1.1x. It is also
         faster for the one-sample groups of a batch with uneven region sizes at 8^3-16^3 (1.1-1.6x). Tiny maps
         (below 4^3 voxels) keep the native kernel, which is faster there, and so does a user who switched
-        oneDNN off (``torch.backends.mkldnn.enabled``).
+        oneDNN off (``torch.backends.mkldnn.enabled``). Under CPU autocast ATen's conv is kept, because autocast
+        casts the inputs of ``F.conv3d`` to bfloat16 but not those of the direct call.
         """
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 5 or x.shape[0] != 1:
             return False
-        if not torch.backends.mkldnn.enabled:
+        if not torch.backends.mkldnn.enabled or _cpu_autocast_enabled():  # autocast does not cover the direct call
             return False
         if not (self._grouped_path and _ONEDNN_CONV) or isinstance(self.padding, str) or self.padding_mode != "zeros":
             return False
