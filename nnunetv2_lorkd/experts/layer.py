@@ -21,6 +21,15 @@ from .routing import RoutingError, RoutingPlan
 
 # torch's direct oneDNN convolution (differentiable); absent in builds without oneDNN
 _ONEDNN_CONV = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+# ATen's CPU rule (Convolution.cpp): a one-sample, ungrouped float32 conv with kernels of at most 3 takes oneDNN
+# only when C*d2*d3 > this; below, its native kernel, which is slow except on maps under _MIN_ONEDNN_VOXELS
+_ATEN_NATIVE_CONV_LIMIT = 20480
+_MIN_ONEDNN_VOXELS = 64
+
+
+def _aten_runs_one_sample_natively(x: torch.Tensor) -> bool:
+    """Whether ATen would run one sample of ``x`` (B, C, d1, d2, ...) on its native kernel."""
+    return x.shape[1] * math.prod(x.shape[2:4]) <= _ATEN_NATIVE_CONV_LIMIT
 
 
 def _cpu_autocast_enabled() -> bool:
@@ -195,14 +204,14 @@ class ExpertLayer:
             return False
         spatial = x.shape[2:]
         voxels = math.prod(spatial)
-        if voxels < 64:
+        if voxels < _MIN_ONEDNN_VOXELS:
             return False
         three_d = len(spatial) == 3
         if three_d and x.shape[1] == 1:
             return False
-        native_rule = x.shape[1] * math.prod(spatial[:2]) <= 20480
         small_3d_maps = three_d and voxels <= 32**3
-        return (native_rule or small_3d_maps) and not (self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3)
+        wide_kernel = self.weight.shape[-1] > 3 and self.weight.shape[-2] > 3  # ATen takes oneDNN for these
+        return (_aten_runs_one_sample_natively(x) or small_3d_maps) and not wide_kernel
 
     def _one_sample_conv_needs_onednn(self, x: torch.Tensor) -> bool:
         """Whether a one-sample 3D conv should call oneDNN itself instead of letting ATen choose.
@@ -220,13 +229,12 @@ class ExpertLayer:
             return False
         if not torch.backends.mkldnn.enabled or _cpu_autocast_enabled():  # autocast does not cover the direct call
             return False
-        if not (self._grouped_path and _ONEDNN_CONV) or isinstance(self.padding, str) or self.padding_mode != "zeros":
+        if self.transposed or not _ONEDNN_CONV or isinstance(self.padding, str) or self.padding_mode != "zeros":
             return False
-        spatial = x.shape[2:]
-        return math.prod(spatial) >= 64 and x.shape[1] * math.prod(spatial[:2]) <= 20480
+        return math.prod(x.shape[2:]) >= _MIN_ONEDNN_VOXELS and _aten_runs_one_sample_natively(x)
 
-    def _run_conv_one_sample(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """This layer's conv for one group of samples, on oneDNN where ATen would pick its slow native kernel."""
+    def _run_region_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's conv for one region's samples, on oneDNN where ATen would pick its slow native kernel."""
         if self._one_sample_conv_needs_onednn(x):
             return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, 1)
         return self._run_conv(x, weight)
@@ -380,9 +388,7 @@ class ExpertLayer:
             y = self._run_grouped(x, regions)
         else:
             weights = self.expert_weights(regions)
-            y = torch.cat(
-                [self._run_conv_one_sample(c, w) for c, w in zip(torch.split(x, sizes), weights, strict=True)]
-            )
+            y = torch.cat([self._run_region_conv(c, w) for c, w in zip(torch.split(x, sizes), weights, strict=True)])
         return y if inv_perm is None else y.index_select(0, inv_perm)
 
     def _forward_merged(self, x: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
