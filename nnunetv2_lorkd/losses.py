@@ -1,11 +1,16 @@
 """Partial-label segmentation loss for multi-region training.
 
 A sample of region t is annotated for region t's classes only: structures of other regions in its field of
-view are labelled 0. A plain softmax loss would push them to background. The marginal loss used here merges
-every class the sample is *not* annotated for into the background channel (log-sum-exp of their
-log-probabilities), so "background or some other region's structure" is one event: other regions' classes
-are neither rewarded nor pushed to background for that sample. Dice is computed on the same merged
-probabilities and only over the classes each sample is annotated for.
+view are labelled 0. The deployed region-t model (``fuse.py`` slices the heads to background + region t's
+classes; validation and the final validation mask the other classes out) decides by comparing the raw
+background logit with region t's logits and nothing else. The loss therefore trains exactly that rule: for
+a region-t sample it is a softmax over background + region t's classes only, the other classes' logits are
+left out (no gradient, no probability mass). A voxel of another region's structure (labelled 0) must then
+score higher on background than on every region-t class, which is what the sliced model needs to predict
+background there. (An earlier version merged the other classes into background with a log-sum-exp; such a
+voxel then cost nothing when it scored high for its own class, and the sliced model, which no longer sees
+that class, could label it as a region-t class.) Dice is computed on the same restricted probabilities and
+only over the classes each sample is annotated for.
 """
 
 from __future__ import annotations
@@ -15,28 +20,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-# log-probability given to classes a sample is not annotated for: exp() is exactly 0 in float32, and a
+# log-probability reported for classes a sample is not annotated for: exp() is exactly 0 in float32, and a
 # label of such a class (a data error) gives a huge but finite loss instead of inf/NaN
 _UNANNOTATED_LOGP = -1.0e4
 
 
-def merged_log_probs(logits: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities over the classes each sample is annotated for, the rest merged into background.
+def region_log_probs(logits: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over each sample's annotated channels only (background + its region's classes).
 
-    logits (B, C, ...), class_mask (B, C) bool with the background column True.
+    This is the deployed decision rule (argmax of background vs. the region's logits), so training optimises
+    what the fused region model predicts. logits (B, C, ...), class_mask (B, C) bool with the background
+    column True. Excluded channels get the finite ``_UNANNOTATED_LOGP`` and receive exactly zero gradient.
     """
     # half-precision logits (autocast) are upcast; float64 stays float64 (exact reference computations)
-    logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), 1)
-    mask = class_mask.to(logp.device).view(*class_mask.shape, *([1] * (logits.dim() - 2)))
-    absorbed = mask.clone()
-    absorbed[:, 0] = False  # background absorbs background + every unannotated class
-    background = torch.logsumexp(logp.masked_fill(absorbed, float("-inf")), 1, keepdim=True)
-    merged = logp.masked_fill(~mask, _UNANNOTATED_LOGP)
-    return torch.cat((background, merged[:, 1:]), 1)
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    mask = class_mask.to(z.device).view(*class_mask.shape, *([1] * (logits.dim() - 2)))
+    logp = torch.log_softmax(z.masked_fill(~mask, float("-inf")), 1)
+    return logp.masked_fill(~mask, _UNANNOTATED_LOGP)
 
 
 class PartialLabelDiceCELoss(nn.Module):
-    """nnU-Net's Dice + CE, restricted per sample to the classes of that sample's region (marginal loss)."""
+    """nnU-Net's Dice + CE, per sample a softmax over background + that sample's region classes only."""
 
     def __init__(self, batch_dice: bool = True, smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0):
         super().__init__()
@@ -46,13 +50,13 @@ class PartialLabelDiceCELoss(nn.Module):
         self.weight_dice = weight_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
-        merged = merged_log_probs(logits, class_mask)
+        logp = region_log_probs(logits, class_mask)
         labels = target.long()
         if labels.dim() == logits.dim():
             labels = labels[:, 0]
-        ce = -merged.gather(1, labels[:, None]).mean()
-        probs = merged.exp()[:, 1:]
-        onehot = torch.zeros_like(merged).scatter_(1, labels[:, None], 1.0)[:, 1:]
+        ce = -logp.gather(1, labels[:, None]).mean()
+        probs = logp.exp()[:, 1:]
+        onehot = torch.zeros_like(logp).scatter_(1, labels[:, None], 1.0)[:, 1:]
         axes = tuple(range(2, logits.dim()))
         intersect = (probs * onehot).sum(axes)
         denominator = probs.sum(axes) + onehot.sum(axes)

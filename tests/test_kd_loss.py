@@ -47,9 +47,9 @@ def test_hand_computed_sigmoid_teacher():
     # teacher p = (0.8, 0.1) for (a, b); tau = 2: target logits [0, log 4, -log 9] / 2 = [0, log 2, -log 3]
     # -> q proportional to (1, 2, 1/3) = (0.3, 0.6, 0.1)
     q = [0.3, 0.6, 0.1]
-    # student z = (bg 0.5, a 1.0, b -0.3, c 2.0); c is not annotated in region 0 and merges into background:
-    # z/tau = (0.25, 0.5, -0.15, 1.0) -> r proportional to (e^0.25 + e^1.0, e^0.5, e^-0.15)
-    r = [math.exp(0.25) + math.exp(1.0), math.exp(0.5), math.exp(-0.15)]
+    # student z = (bg 0.5, a 1.0, b -0.3, c 2.0); c is not annotated in region 0 and is left out (the fused
+    # region-0 model has no channel c): z/tau over (bg, a, b) = (0.25, 0.5, -0.15) -> r = softmax of that
+    r = [math.exp(0.25), math.exp(0.5), math.exp(-0.15)]
     r = [v / sum(r) for v in r]
     expected = 4.0 * sum(qi * math.log(qi / ri) for qi, ri in zip(q, r, strict=True))
     got = kd_one_voxel([0.5, 1.0, -0.3, 2.0], [0.8, 0.1], 0, exclusive=False, tau=2.0)
@@ -57,11 +57,12 @@ def test_hand_computed_sigmoid_teacher():
 
 
 def test_hand_computed_softmax_teacher():
-    # exclusive teacher p = (0.5, 0.2): marginal m = (bg 0.3, a 0.5, b 0.2); tau = 2 -> q proportional to sqrt(m)
+    # exclusive teacher p = (0.5, 0.2): m = (none of the region's classes 0.3, a 0.5, b 0.2); tau = 2 -> q
+    # proportional to sqrt(m); the student's c logit (2.0) is left out as above
     m = [0.3, 0.5, 0.2]
     q = [math.sqrt(v) for v in m]
     q = [v / sum(q) for v in q]
-    r = [math.exp(0.25) + math.exp(1.0), math.exp(0.5), math.exp(-0.15)]
+    r = [math.exp(0.25), math.exp(0.5), math.exp(-0.15)]
     r = [v / sum(r) for v in r]
     expected = 4.0 * sum(qi * math.log(qi / ri) for qi, ri in zip(q, r, strict=True))
     got = kd_one_voxel([0.5, 1.0, -0.3, 2.0], [0.5, 0.2], 0, exclusive=True, tau=2.0)
@@ -95,22 +96,31 @@ def test_zero_when_student_matches_target_and_padding_is_ignored():
     # region 1 has one class; the teacher's second channel is padding and must not matter
     tau = 1.5
     q = target_distribution(one_voxel([0.35]).view(1, 1, 1, 1, 1), torch.ones(1, 2, dtype=torch.bool), False, tau)
-    # a student whose tempered merged distribution over (bg + a + b, c) equals q
-    z = torch.tensor([0.0, -40.0, -40.0, 0.0], dtype=DTYPE)
+    # a student whose tempered distribution over (bg, c) equals q; a and b (region 0) are left out, however
+    # high they score
+    z = torch.tensor([0.0, 30.0, 25.0, 0.0], dtype=DTYPE)
     z[3] = tau * math.log(float(q[0, 1] / q[0, 0]))
     base = kd_one_voxel(z.tolist(), [0.35, 0.0], 1, False, tau)
     assert abs(base) < 1e-12
     assert kd_one_voxel(z.tolist(), [0.35, 0.93], 1, False, tau) == pytest.approx(base, abs=1e-14)
 
 
-def test_other_regions_classes_only_enter_through_background():
-    """Moving mass between background and another region's class (same log-sum-exp) changes nothing."""
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_other_regions_classes_do_not_enter_and_get_no_gradient(exclusive: bool):
+    """The KD term of a region-0 voxel ignores class c's logit (the deployed region-0 model has no channel c)
+    and gives it exactly zero gradient; the background logit is the raw one, not merged with c."""
     p, tau = [0.6, 0.3], 1.3
-    a = kd_one_voxel([0.2, 1.0, -0.5, 0.7], p, 0, False, tau)
-    merged = math.log(math.exp(0.2 / tau) + math.exp(0.7 / tau))  # tempered background + class c
-    bg = tau * math.log(math.exp(merged) - math.exp(-3.0 / tau))
-    b = kd_one_voxel([bg, 1.0, -0.5, -3.0], p, 0, False, tau)
-    assert a == pytest.approx(b, rel=1e-12)
+    a = kd_one_voxel([0.2, 1.0, -0.5, 0.7], p, 0, exclusive, tau)
+    assert kd_one_voxel([0.2, 1.0, -0.5, 9.0], p, 0, exclusive, tau) == pytest.approx(a, rel=1e-12)
+    assert kd_one_voxel([0.2, 1.0, -0.5, -9.0], p, 0, exclusive, tau) == pytest.approx(a, rel=1e-12)
+    assert kd_one_voxel([1.2, 1.0, -0.5, 0.7], p, 0, exclusive, tau) != pytest.approx(a, rel=1e-6)
+    z = one_voxel([0.2, 1.0, -0.5, 0.7]).requires_grad_()
+    DistillationLoss(LAYOUT, exclusive, tau)(z, one_voxel(p), [0], MASK[[0]]).backward()
+    assert float(z.grad[0, 3]) == 0.0 and float(z.grad[0, :3].abs().sum()) > 0
+    # d/dz of tau^2 * KL(q || softmax(z / tau)) over (bg, a, b) is tau * (r - q)
+    q = target_distribution(one_voxel(p).view(1, 2, 1), torch.ones(1, 3, dtype=torch.bool), exclusive, tau)
+    r = torch.softmax(torch.tensor([0.2, 1.0, -0.5], dtype=DTYPE) / tau, 0)
+    torch.testing.assert_close(z.grad[0, :3].view(-1), tau * (r - q.view(-1)), rtol=1e-12, atol=1e-14)
 
 
 def test_deep_supervision_uses_weights_and_area_averaged_targets():
@@ -130,13 +140,10 @@ def test_deep_supervision_uses_weights_and_area_averaged_targets():
     for w, out in zip(weights, outputs, strict=True):
         q_level = pool_to(q, tuple(out.shape[2:]))
         torch.testing.assert_close(q_level.sum(1), torch.ones_like(q_level[:, 0]))  # still a distribution
-        lp = torch.log_softmax(out / 2.0, 1)
         per_sample = []
         for b, region in enumerate(regions):
-            absorbed = [0] + [c for c in range(1, 4) if not mask[b, c]]  # background + unannotated classes
-            student = torch.stack(
-                [torch.logsumexp(lp[b, absorbed], 0)] + [lp[b, c] for c in LAYOUT.channels[region][1:]]
-            )
+            # a softmax over background + the region's classes only, the other classes left out
+            student = torch.log_softmax(out[b, list(LAYOUT.channels[region])] / 2.0, 0)
             qb = q_level[b, : len(student)]
             per_sample.append((qb * (torch.log(qb) - student)).sum(0).mean())
         manual += w * 4.0 * float(torch.stack(per_sample).mean())

@@ -20,8 +20,9 @@ from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss
 
 
 class DistillationLoss(nn.Module):
-    """tau^2 * KL(teacher target || student), per sample over background + that sample's region classes,
-    summed over the deep-supervision outputs with ``weights`` (the targets are area-averaged to each output)."""
+    """tau^2 * KL(teacher target || student), per sample over background + that sample's region classes (the
+    student's other class logits are left out, as in the deployed region model), summed over the
+    deep-supervision outputs with ``weights`` (the targets are area-averaged to each output)."""
 
     def __init__(
         self,

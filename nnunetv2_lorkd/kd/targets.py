@@ -1,15 +1,21 @@
 """The distillation target and divergence (derivation: docs/distillation.md).
 
-The student of a region-t sample predicts a softmax over {background, region-t classes}, where "background"
-absorbs every class the sample is not annotated for (the partial-label marginal of ``losses.py``). The
-teacher gives per-class probabilities p_c for the region's classes. They become a distribution over the same
-1 + K outcomes:
+The student of a region-t sample predicts a softmax over {background, region-t classes} of its own logits,
+the other classes' logits left out (``region_log_probs`` of ``losses.py``: the rule the fused region model
+deploys). Its background therefore means "none of region t's classes": region-t labels mark other regions'
+structures 0, so the raw background logit is trained to beat the region's logits there. The teacher gives
+per-class probabilities p_c for the region's classes. They become a distribution over the same 1 + K
+outcomes:
 
 * independent sigmoids (``exclusive=False``): condition the independent Bernoullis on "at most one of the
   region's classes is present"; outcome c has probability proportional to p_c / (1 - p_c) and background to
   1, so the target logits are ``[0, logit(p_1), ..., logit(p_K)]``;
-* one softmax (``exclusive=True``): the marginal over the same events, q_c = p_c and
-  q_bg = 1 - sum_c p_c (teacher background plus every teacher class outside the region);
+* one softmax (``exclusive=True``): the teacher's probability of the same events, q_c = p_c and
+  q_bg = 1 - sum_c p_c (teacher background plus every teacher class outside the region). This is
+  deliberately *not* the teacher's own region-restricted softmax p_bg / (p_bg + sum_c p_c): that answers
+  "background, given background or a region-t class", which on another region's structure is a ratio of
+  two near-zero numbers and contradicts the labels (which say background there); it would also need the
+  teacher's p_bg, which neither the teacher interface nor the cache provides;
 
 both clamped at ``eps`` and softened by the temperature on the logits. The KD term is the per-voxel
 KL(target || student) scaled by tau^2, averaged over voxels and samples.
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunetv2_lorkd.losses import merged_log_probs
+from nnunetv2_lorkd.losses import region_log_probs
 
 DEFAULT_EPS = 1e-4
 
@@ -53,13 +59,13 @@ def target_distribution(
 def student_log_probs(
     logits: torch.Tensor, class_mask: torch.Tensor, index: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Tempered student log-probabilities over {background (absorbing unannotated classes), region classes}
-    in the layout of ``index`` (B, 1 + K): union channel per target channel."""
+    """Tempered student log-probabilities, a softmax over {background, region classes} only (the deployed
+    rule), in the layout of ``index`` (B, 1 + K): union channel per target channel."""
     z = logits if logits.dtype == torch.float64 else logits.float()  # never divide half-precision logits
-    merged = merged_log_probs(z / temperature, class_mask)
-    spatial = merged.shape[2:]
+    logp = region_log_probs(z / temperature, class_mask)
+    spatial = logp.shape[2:]
     gather_index = index.view(*index.shape, *([1] * len(spatial))).expand(-1, -1, *spatial)
-    return merged.gather(1, gather_index)
+    return logp.gather(1, gather_index)
 
 
 def pool_to(target: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
