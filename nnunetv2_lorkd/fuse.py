@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -35,22 +36,61 @@ class FuseError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------- loading
+# what safe checkpoint reading needs (keep in step with pyproject.toml): torch.serialization.safe_globals came with
+# torch 2.5; numpy 2 pickles its scalars as numpy._core.multiarray.scalar, which numpy 1.x cannot even import
+MIN_TORCH = "2.5"
+MIN_NUMPY = "2"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _require_checkpoint_support(path: str) -> tuple:
+    """(safe_globals, numpy's scalar reconstructor), or a FuseError naming the too-old package: an old
+    environment must not be reported as a corrupt file."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        raise FuseError(
+            f"cannot read checkpoint {path}: this environment has torch {torch.__version__}, but reading nnU-Net "
+            f"checkpoints safely (weights_only=True with numpy values allowed, torch.serialization.safe_globals) "
+            f"needs torch >= {MIN_TORCH}, as nnunetv2-lorkd declares; the file itself was not checked. Fix: "
+            f"pip install 'torch>={MIN_TORCH},!=2.9.*'"
+        )
+    numpy_core = getattr(np, "_core", None)
+    if numpy_core is None:
+        raise FuseError(
+            f"cannot read checkpoint {path}: this environment has numpy {np.__version__}, but nnU-Net checkpoints "
+            f"written with numpy 2 store numpy._core values, which need numpy >= {MIN_NUMPY}, as nnunetv2-lorkd "
+            f"declares; the file itself was not checked. Fix: pip install 'numpy>={MIN_NUMPY}'"
+        )
+    return safe_globals, numpy_core.multiarray.scalar
+
+
 def load_checkpoint(path: str) -> dict:
-    """An nnU-Net checkpoint, read with weights_only=True (numpy scalars/dtypes in its logs allowed)."""
+    """An nnU-Net checkpoint, read with weights_only=True (numpy scalars/dtypes in its logs allowed): no code in
+    the file runs. Errors say whether the environment, the file's content or the file itself is the problem."""
     if not os.path.isfile(path):
         raise FuseError(f"checkpoint {path} does not exist")
+    safe_globals, numpy_scalar = _require_checkpoint_support(path)
     allowed = [
-        np._core.multiarray.scalar,
+        numpy_scalar,
         np.dtype,
         *{type(np.dtype(t)) for t in ("f8", "f4", "f2", "i8", "i4", "u1", "b1")},
     ]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        refused = _UNSUPPORTED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+        if refused:
+            raise FuseError(
+                f"cannot read checkpoint {path}: it holds a Python object of type {refused.group(1)}, which safe "
+                "loading refuses (nnunetv2-lorkd reads checkpoints with weights_only=True and never runs code from "
+                "them); use a checkpoint written by nnUNetv2_train, or re-save its contents as tensors and plain "
+                "values"
+            ) from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise FuseError(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "the file is corrupt or not an nnU-Net checkpoint"
+            f"cannot read checkpoint {path} ({type(error).__name__}: {first}); the file is corrupt or not an "
+            f"nnU-Net checkpoint (torch {torch.__version__}, numpy {np.__version__})"
         ) from error
 
 

@@ -10,10 +10,13 @@ dataset from per-region datasets (or from one dataset whose labels are split int
   Label files are rewritten into ``labelsTr/`` only where their values change (remapped to the union values,
   labels outside the case's region set to 0, geometry copied); otherwise the original label file is used.
 - the ``lorkd`` section (see :mod:`nnunetv2_lorkd.regions`) lists the regions in command-line order (= expert
-  index), each with its label names, and the region of every case.
+  index), each with its label names, the region of every case and its source (``case_sources``:
+  ``DatasetXXX_Input/<case>``, or the input's own record of it).
 - a region-stratified ``splits_final.json`` (:mod:`nnunetv2_lorkd.splits`) is written to
   ``$nnUNet_preprocessed/DatasetXXX_NAME/`` when that variable is set, and always as
-  ``splits_final.json`` into the raw dataset folder.
+  ``splits_final.json`` into the raw dataset folder. Cases with the same source (split mode: ``c0_abdomen``
+  and ``c0_pelvis``) are one group there: they are validated in the same fold and never split between the
+  training and the validation set of a fold. Cases of different input datasets are different patients.
 
 Case ids (deterministic):
 
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .regions import Region, RegionMap, RegionMapError
+from .regions import Region, RegionMap, RegionMapError, parse_case_sources
 from .splits import stratified_splits_with_warnings
 
 _REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -83,10 +86,16 @@ class _Source:
     labels: dict[str, int]  # foreground name -> value (no background, no ignore)
     ignore_value: int | None
     cases: dict[str, tuple[list[str], str]]  # case id -> (absolute image paths, absolute label path)
+    recorded_sources: dict[str, str] = field(default_factory=dict)  # the input's own lorkd.case_sources
 
     @property
     def name(self) -> str:
         return self.folder.name
+
+    def source_of(self, case: str) -> str:
+        """``DATASET/CASE`` of the image behind ``case``: the input's own record (an input that was itself
+        merged), else this dataset and case."""
+        return self.recorded_sources.get(case, f"{self.name}/{case}")
 
 
 @dataclass
@@ -355,7 +364,14 @@ def _load_source(folder: Path) -> _Source:
         )
     labels, ignore_value = _check_labels(folder.name, dataset_json["labels"])
     cases = _find_cases(folder, dataset_json, dataset_json["file_ending"], len(dataset_json["channel_names"]))
-    return _Source(folder, dataset_json, labels, ignore_value, cases)
+    section = dataset_json.get("lorkd")
+    recorded: dict[str, str] = {}
+    if isinstance(section, dict) and "case_sources" in section:
+        try:
+            recorded = parse_case_sources(section["case_sources"], f"{folder.name}/dataset.json", cases)
+        except RegionMapError as e:
+            raise MergeError(f"{e}; fix or remove lorkd.case_sources of that input") from None
+    return _Source(folder, dataset_json, labels, ignore_value, cases, recorded)
 
 
 # ------------------------------------------------------------------------------------------ label rewriting
@@ -594,9 +610,16 @@ def merge_datasets(
         Region(p.region, p.label_names, tuple(union[label] for label in p.label_names)) for p in parts
     )
     case_regions = {new: index for index, ids in enumerate(id_maps) for new in ids.values()}
-    region_map = RegionMap(regions, case_regions, {k: v for k, v in union.items() if k != "ignore"})
+    # the image behind every merged case: split mode's <case>_<region> copies share their source case, so the
+    # splits keep them in one fold (one patient is never trained on and validated on in the same fold)
+    case_sources = {
+        new: part.source.source_of(old) for part, ids in zip(parts, id_maps, strict=True) for old, new in ids.items()
+    }
+    region_map = RegionMap(
+        regions, case_regions, {k: v for k, v in union.items() if k != "ignore"}, case_sources
+    )
     try:
-        splits, split_warnings = stratified_splits_with_warnings(case_regions, num_folds, seed)
+        splits, split_warnings = stratified_splits_with_warnings(case_regions, num_folds, seed, case_sources)
     except ValueError as e:
         raise MergeError(f"cannot build the cross-validation splits: {e}") from None
     names_by_index = {i: r.name for i, r in enumerate(regions)}

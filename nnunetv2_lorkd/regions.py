@@ -7,16 +7,22 @@ from raw to preprocessed to results, so training, validation, fusion and predict
         "version": 1,
         "regions": [{"name": "abdomen", "labels": ["liver", "spleen"]},
                     {"name": "pelvis",  "labels": ["urinary_bladder", "femur_left"]}],
-        "case_regions": {"abd_000": "abdomen", "pel_000": "pelvis"}
+        "case_regions": {"abd_000": "abdomen", "pel_000": "pelvis"},
+        "case_sources": {"abd_000": "Dataset501_Abdomen/abd_000", "pel_000": "Dataset502_Pelvis/pel_000"}
     }
 
 Labels are given by name and resolved against the dataset's ``labels`` (the union label space).
+
+``case_sources`` (optional, written by ``lorkd-merge``) names the patient image behind each case as
+``DATASET/CASE``. When one dataset is split into regions, its case ``c0`` becomes ``c0_abdomen`` and
+``c0_pelvis`` with the same source ``DatasetXXX_Name/c0``: cross-validation splits keep cases of one source in
+the same fold, and the distillation fold check recognises the patient across datasets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
 
@@ -37,6 +43,7 @@ class RegionMap:
     regions: tuple[Region, ...]
     case_regions: Mapping[str, int]
     all_labels: Mapping[str, int]  # the union label space, background included
+    case_sources: Mapping[str, str] = field(default_factory=dict)  # case -> "DATASET/CASE" of its image
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
@@ -88,14 +95,18 @@ class RegionMap:
                     f"{source}: case '{case}' is assigned to unknown region '{region}' (regions: {list(index)})"
                 )
             case_regions[case] = index[region]
-        return cls(tuple(regions), case_regions, plain_labels)
+        case_sources = parse_case_sources(section.get("case_sources", {}), source, case_regions)
+        return cls(tuple(regions), case_regions, plain_labels, case_sources)
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "version": SCHEMA_VERSION,
             "regions": [{"name": r.name, "labels": list(r.label_names)} for r in self.regions],
             "case_regions": {case: self.regions[i].name for case, i in sorted(self.case_regions.items())},
         }
+        if self.case_sources:
+            data["case_sources"] = dict(sorted(self.case_sources.items()))
+        return data
 
     # ------------------------------------------------------------------------------------------- queries
     @property
@@ -125,6 +136,11 @@ class RegionMap:
     def region_ids(self, case_ids: Iterable[str]) -> list[int]:
         return [self.region_of_case(c) for c in case_ids]
 
+    def source_of(self, case_id: str, dataset_name: str) -> str:
+        """The ``DATASET/CASE`` patient key of a case of dataset ``dataset_name``: its recorded source, or the case
+        itself where none is recorded (a case without a record is its own patient)."""
+        return self.case_sources.get(case_id, f"{dataset_name}/{case_id}")
+
     def cases_of(self, region: int) -> list[str]:
         return sorted(c for c, r in self.case_regions.items() if r == region)
 
@@ -153,3 +169,32 @@ def region_labels_for_dataset_json(region: Region) -> dict[str, int]:
     in their union order (the order seg-head channels are sliced in)."""
     ordered = sorted(zip(region.label_values, region.label_names, strict=True))
     return {"background": 0, **{name: i + 1 for i, (_, name) in enumerate(ordered)}}
+
+
+def parse_case_sources(raw: object, source: str, case_regions: Mapping[str, object] | None = None) -> dict[str, str]:
+    """Validate a ``lorkd.case_sources`` section: case id -> ``DATASET/CASE``. With ``case_regions``, every case
+    named must have a region (a record for an unknown case is a typo that would silently group nothing)."""
+    if not isinstance(raw, Mapping):
+        raise RegionMapError(f"{source}: lorkd.case_sources must map case ids to 'DATASET/CASE' strings")
+    out: dict[str, str] = {}
+    for case, key in raw.items():
+        if not isinstance(key, str) or not is_source_key(key):
+            raise RegionMapError(
+                f"{source}: lorkd.case_sources['{case}'] is {key!r}; it must be 'DATASET/CASE' (the dataset and "
+                "case the image comes from), e.g. 'Dataset501_Abdomen/case_0001'"
+            )
+        out[str(case)] = key
+    if case_regions is not None:
+        unknown = sorted(set(out) - set(case_regions))
+        if unknown:
+            raise RegionMapError(
+                f"{source}: lorkd.case_sources names {len(unknown)} case(s) without a region in "
+                f"lorkd.case_regions, e.g. {unknown[:5]}; remove them or add them to case_regions"
+            )
+    return out
+
+
+def is_source_key(key: str) -> bool:
+    """True for a ``DATASET/CASE`` key (two non-empty parts)."""
+    dataset, sep, case = key.partition("/")
+    return bool(sep and dataset.strip() and case.strip())

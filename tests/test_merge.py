@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from nnunetv2_lorkd.merge import main
 from nnunetv2_lorkd.regions import RegionMap
+from nnunetv2_lorkd.splits import stratified_splits_with_warnings
 
 SPACING = (0.75, 0.8, 3.0)  # x, y, z: anisotropic
 ORIGIN = (12.5, -7.25, 40.0)
@@ -258,6 +259,47 @@ def test_split_one_dataset_into_regions(nn_env: dict[str, Path], capsys) -> None
         np.testing.assert_array_equal(read(resolve(out, abdomen["label"]))[0], lut_abd[original])
         np.testing.assert_array_equal(read(resolve(out, pelvis["label"]))[0], lut_pel[original])
     assert "labels ['lung'] of Dataset510_Whole are in no region" in capsys.readouterr().err
+
+
+def test_split_mode_keeps_each_source_case_in_one_fold(nn_env: dict[str, Path]) -> None:
+    """Split mode makes <case>_<region> copies of one image: no fold may train on one copy and validate on
+    another (issue 15, defect 4)."""
+    labels = {"background": 0, "liver": 1, "spleen": 2, "urinary_bladder": 3, "femur_left": 4}
+    make_dataset(nn_env["nnUNet_raw"], 503, "Whole", labels, [f"case{i}" for i in range(11)], seed=5)
+    argv = ["-i", "503", "--region", "abdomen=liver,spleen", "--region", "pelvis=urinary_bladder,femur_left"]
+    assert main([*argv, "-d", "601", "-n", "LoRKDSplit", "-np", "1"]) == 0
+    out = nn_env["nnUNet_raw"] / "Dataset601_LoRKDSplit"
+    dj = json.loads((out / "dataset.json").read_text())
+    region_map = RegionMap.from_dataset_json(dj)
+    assert dj["lorkd"] == region_map.to_json()
+    assert region_map.case_sources == {
+        f"case{i}_{r}": f"Dataset503_Whole/case{i}" for i in range(11) for r in ("abdomen", "pelvis")
+    }
+    for path in (out / "splits_final.json", nn_env["nnUNet_preprocessed"] / out.name / "splits_final.json"):
+        splits = json.loads(path.read_text())
+        assert len(splits) == 5
+        for fold in splits:
+            train = {region_map.case_sources[c] for c in fold["train"]}
+            val = {region_map.case_sources[c] for c in fold["val"]}
+            assert not train & val, f"{path}: source cases {sorted(train & val)} in train and val of a fold"
+            assert {region_map.region_of_case(c) for c in fold["val"]} == {0, 1}  # still stratified
+        assert sorted(c for fold in splits for c in fold["val"]) == sorted(dj["dataset"])
+
+
+def test_merge_mode_splits_unchanged_and_sources_recorded(
+    three_datasets: dict[str, Path], nn_env: dict[str, Path]
+) -> None:
+    """Separate datasets are separate patients: the sources are recorded, and the splits are exactly the
+    ungrouped region-stratified ones."""
+    assert merge3(nn_env) == 0
+    out = nn_env["nnUNet_raw"] / "Dataset600_Merged"
+    dj = json.loads((out / "dataset.json").read_text())
+    region_map = RegionMap.from_dataset_json(dj)
+    assert region_map.case_sources["abd_001"] == "Dataset501_Abdomen/abd_001"
+    assert region_map.case_sources["tho_002"] == "Dataset503_Thorax/tho_002"
+    assert len(set(region_map.case_sources.values())) == len(dj["dataset"])
+    expected, _ = stratified_splits_with_warnings(dict(region_map.case_regions), 3, 12345)
+    assert json.loads((out / "splits_final.json").read_text()) == expected
 
 
 def test_same_dataset_twice_with_label_subsets_via_input(nn_env: dict[str, Path]) -> None:

@@ -3,6 +3,7 @@
     lorkd-kd set   -d DATASET -c CONFIGURATION --teacher MODEL_FOLDER [--teacher-fold F]
                    [--teacher-checkpoint checkpoint_final.pth] [--mode online|cached] [--weight LAMBDA]
                    [--temperature TAU] [--class-alias STUDENT=TEACHER ...] [-p PLANS] [--device DEV]
+                   [--allow-teacher-fold-overlap]
     lorkd-kd cache -d DATASET -c CONFIGURATION [-np N] [-p PLANS] [--device DEV] [--dtype uint8|float16]
                    [--step-size 0.5] [--batch-size 2] [--overwrite]
     lorkd-kd show  -d DATASET
@@ -10,7 +11,8 @@
 
 ``set`` loads the teacher, checks that it knows every class of the dataset's regions and preprocesses like
 the student, runs it once on a real preprocessed patch of every region, and only then writes
-``$nnUNet_preprocessed/DatasetXXX_NAME/lorkd_kd.json``.
+``$nnUNet_preprocessed/DatasetXXX_NAME/lorkd_kd.json``. It also previews the teacher fold check for every fold
+of the student's splits (the check itself runs at training start, when the student's fold is known).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from nnunetv2_lorkd.kd.config import (
     settings_for,
     write_settings,
 )
+from nnunetv2_lorkd.kd.folds import ALLOW_FLAG, preview_student_folds
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
 from nnunetv2_lorkd.kd.teacher import (
     batch_probabilities,
@@ -192,7 +195,13 @@ def cmd_set(args: argparse.Namespace) -> int:
     student = load_student(args.d, args.c, args.p)
     ref = TeacherRef(os.path.abspath(args.teacher), parse_fold(args.teacher_fold), args.teacher_checkpoint,
                      _parse_aliases(args.class_alias))  # fmt: skip
-    settings = KDSettings(student.plans_name, ref, args.mode, args.weight, args.temperature)  # validates the values
+    allow = bool(args.allow_teacher_fold_overlap)
+    # validates the values before anything is loaded
+    settings = KDSettings(student.plans_name, ref, args.mode, args.weight, args.temperature,
+                          allow_teacher_fold_overlap=allow)  # fmt: skip
+    print(f"Teacher fold check (it runs again when a student fold starts training{'; overlap allowed' * allow}):")
+    for line in preview_student_folds(settings, student.name, student.region_map.case_sources, student.folder):
+        print(line)
     device = torch.device(args.device)
     layout = RegionClassLayout.from_region_map(student.region_map)
     print(f"Loading teacher {ref.model_folder} (fold {ref.fold}, {ref.checkpoint}) on {device} ...")
@@ -203,7 +212,13 @@ def cmd_set(args: argparse.Namespace) -> int:
     for line in probe_teacher(teacher, student, device):
         print(line)
     settings = KDSettings(
-        student.plans_name, ref, args.mode, args.weight, args.temperature, teacher_exclusive=bool(teacher.exclusive)
+        student.plans_name,
+        ref,
+        args.mode,
+        args.weight,
+        args.temperature,
+        teacher_exclusive=bool(teacher.exclusive),
+        allow_teacher_fold_overlap=allow,
     )
     path = write_settings(student.folder, student.configuration, settings)
     print(f"Wrote {path}: KD on for {student.name} {student.configuration} (mode {settings.mode}, weight "
@@ -345,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-alias", action="append", default=[], metavar="STUDENT=TEACHER",
                    help="teacher class name for a student class name (repeatable)")  # fmt: skip
     p.add_argument("--device", default=default_device(), help="device for the teacher check (default: cuda if any)")
+    p.add_argument(ALLOW_FLAG, action="store_true",
+                   help="train a student fold even if the teacher was trained on its validation cases (refused by "
+                        "default; allowed, the training log warns and names the cases)")  # fmt: skip
     p.set_defaults(func=cmd_set)
 
     p = sub.add_parser("cache", help="compute the teacher's soft labels for every preprocessed case")

@@ -13,12 +13,17 @@ It lives next to the plans in ``$nnUNet_preprocessed/DatasetXXX_NAME/`` and is w
           "mode": "cached",
           "weight": 2.0,
           "temperature": 1.0,
-          "teacher_exclusive": false
+          "teacher_exclusive": false,
+          "allow_teacher_fold_overlap": false
         }
       }
     }
 
 A configuration without an entry trains without KD (and says so in the training log).
+
+``allow_teacher_fold_overlap`` (default false; ``lorkd-kd set --allow-teacher-fold-overlap``): training starts even
+if the teacher was trained on the student fold's validation cases (see :mod:`nnunetv2_lorkd.kd.folds`), with a
+WARNING naming them in the training log; by default such a run is refused.
 """
 
 from __future__ import annotations
@@ -80,10 +85,16 @@ class KDSettings:
     weight: float = DEFAULT_WEIGHT
     temperature: float = DEFAULT_TEMPERATURE
     teacher_exclusive: bool | None = None  # what the teacher said when it was checked (informational)
+    # train even if the teacher saw the student's validation cases (warned in the log); see kd/folds.py
+    allow_teacher_fold_overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise KDConfigError(f"KD mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.allow_teacher_fold_overlap, bool):
+            raise KDConfigError(
+                f"allow_teacher_fold_overlap must be true or false, got {self.allow_teacher_fold_overlap!r}"
+            )
         for name in ("weight", "temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -104,7 +115,7 @@ class KDSettings:
     def from_json(cls, data: Mapping, where: str) -> KDSettings:
         if not isinstance(data, Mapping):
             raise KDConfigError(f"{where} must be an object")
-        known = {"plans", "teacher", "mode", "weight", "temperature", "teacher_exclusive"}
+        known = {"plans", "teacher", "mode", "weight", "temperature", "teacher_exclusive", "allow_teacher_fold_overlap"}
         unknown = set(data) - known
         if unknown:
             raise KDConfigError(f"{where} has unknown keys {sorted(unknown)}; valid: {sorted(known)}")
@@ -134,6 +145,7 @@ class KDSettings:
                 weight=data.get("weight", DEFAULT_WEIGHT),
                 temperature=data.get("temperature", DEFAULT_TEMPERATURE),
                 teacher_exclusive=data.get("teacher_exclusive"),
+                allow_teacher_fold_overlap=data.get("allow_teacher_fold_overlap", False),
             )
         except KDConfigError as e:
             raise KDConfigError(f"{where}: {e}") from None

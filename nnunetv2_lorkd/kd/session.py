@@ -3,8 +3,9 @@
 The trainer reads the dataset's ``lorkd_kd.json`` when it is created (:meth:`Distillation.from_preprocessed`;
 no entry for its configuration means no KD, logged explicitly), wraps its segmentation loss
 (:meth:`Distillation.wrap_loss`), prepares the teacher or the cache when training starts
-(:meth:`Distillation.prepare`, which raises for a missing or stale cache before any step), and asks for each
-batch's teacher probabilities (:meth:`Distillation.batch_probabilities`).
+(:meth:`Distillation.prepare`, which raises for a missing or stale cache, or a teacher trained on the student's
+validation cases (:mod:`nnunetv2_lorkd.kd.folds`), before any step), and asks for each batch's teacher
+probabilities (:meth:`Distillation.batch_probabilities`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from nnunetv2_lorkd.kd.cache import SoftLabelCache, cache_folder, teacher_identity, verify_cache
+from nnunetv2_lorkd.kd.cache import SoftLabelCache, cache_folder, dataset_class_of, teacher_identity, verify_cache
 from nnunetv2_lorkd.kd.config import KDSettings, config_path, settings_for
 from nnunetv2_lorkd.kd.data import SOFT_LABEL_KEY, CachedSoftLabels
+from nnunetv2_lorkd.kd.folds import enforce_teacher_fold
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
 from nnunetv2_lorkd.kd.loss import DistillationLoss, SegmentationDistillationLoss
 from nnunetv2_lorkd.kd.teacher import batch_probabilities, check_teacher_classes, load_configured_teacher
@@ -38,6 +40,7 @@ class Distillation:
         configuration: str,
         preprocessed_dataset_folder: str,
         data_identifier: str,
+        case_sources: Mapping[str, str] | None = None,
     ):
         self.settings = settings
         self.layout = layout
@@ -48,6 +51,8 @@ class Distillation:
         self.teacher: Teacher | None = None
         self.teacher_id: dict | None = None
         self.exclusive: bool | None = settings.teacher_exclusive
+        # the student dataset's lorkd.case_sources: the teacher fold check matches patients through it
+        self.case_sources: dict[str, str] = dict(case_sources or {})
 
     @classmethod
     def from_preprocessed(
@@ -79,6 +84,7 @@ class Distillation:
             configuration,
             preprocessed_dataset_folder,
             data_identifier,
+            region_map.case_sources,
         )
         return kd, f"Distillation: ON ({kd.describe()}; from {path})"
 
@@ -116,11 +122,15 @@ class Distillation:
         case_regions: dict[str, int],
         loss: SegmentationDistillationLoss,
         student: object | None = None,
+        validation_cases: Sequence[str] | None = None,
+        fold: int | str | None = None,
     ) -> str:
-        """Before the first step: load the teacher (online; refused if its preprocessing differs from
-        ``student``, a teachers.PreprocessingSpec) or check the cache and hand it to the training dataset
-        (cached). Returns a log line."""
+        """Before the first step: refuse a teacher trained on the student's validation cases (``validation_cases``
+        and ``fold`` of this run; see :mod:`nnunetv2_lorkd.kd.folds`), then load the teacher (online; refused if
+        its preprocessing differs from ``student``, a teachers.PreprocessingSpec) or check the cache and hand it to
+        the training dataset (cached). Returns log text."""
         s = self.settings
+        fold_note = self.check_teacher_fold(case_regions, validation_cases, fold)
         self.teacher_id = teacher_identity(s.teacher)
         if self.cached:
             manifest = verify_cache(
@@ -151,7 +161,34 @@ class Distillation:
                 f"but it is not (anymore); rerun `lorkd-kd set` (and `lorkd-kd cache`)"
             )
         loss.distillation.exclusive = self.exclusive
-        return f"Distillation prepared: {note}, teacher {'softmax' if self.exclusive else 'sigmoid'} targets"
+        targets = "softmax" if self.exclusive else "sigmoid"
+        return f"{fold_note}\nDistillation prepared: {note}, teacher {targets} targets"
+
+    def check_teacher_fold(
+        self,
+        train_cases: Mapping[str, object] | Sequence[str],
+        validation_cases: Sequence[str] | None = None,
+        fold: int | str | None = None,
+    ) -> str:
+        """The teacher fold check for this run; raises TeacherFoldOverlapError. Without ``validation_cases`` they
+        are taken as the preprocessed cases the student does not train on (said in the returned line)."""
+        derived = ""
+        if validation_cases is None:
+            data_folder = os.path.join(self.preprocessed_dataset_folder, self.data_identifier)
+            everything = dataset_class_of(data_folder).get_identifiers(data_folder)
+            validation_cases = sorted(set(everything) - set(train_cases))
+            derived = " [validation cases taken as the preprocessed cases the student does not train on]"
+        line = enforce_teacher_fold(
+            self.settings,
+            self.dataset_name,
+            self.configuration,
+            self.case_sources,
+            train_cases,
+            validation_cases,
+            os.path.dirname(os.path.abspath(self.preprocessed_dataset_folder)),
+            fold,
+        )
+        return line + derived
 
     # ---------------------------------------------------------------------------------------- steps
     def batch_probabilities(self, batch: dict, data: torch.Tensor, region_ids: Sequence[int]) -> torch.Tensor:
