@@ -39,8 +39,15 @@ from nnunetv2_lorkd.nnunet.runtime import (
     region_balanced_probabilities,
     summarize_validation_by_region,
 )
+from nnunetv2_lorkd.pretrained import (
+    PretrainedReport,
+    class_names_by_channel,
+    load_pretrained_into,
+    read_source_checkpoint,
+    register_pretrained_loader,
+)
 from nnunetv2_lorkd.regions import RegionMap
-from nnunetv2_lorkd.splits import region_stratified_splits
+from nnunetv2_lorkd.splits import splits_for_cases
 
 REGION_DICE_KEY = "lorkd_region_dice"
 __all__ = [
@@ -140,6 +147,24 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
     def initialize(self) -> None:
         super().initialize()
         self.print_to_log_file(self._describe_network(), also_print_to_console=False)
+        self._accept_pretrained_weights()
+
+    # ------------------------------------------------------------------------------- pretrained weights
+    def _accept_pretrained_weights(self) -> None:
+        """nnU-Net's -pretrained_weights calls a module function with the network alone; have it call
+        load_pretrained_weights below instead (nnU-Net's would demand expert weights and drop the heads)."""
+        register_pretrained_loader(self.network, self.load_pretrained_weights)
+
+    def load_pretrained_weights(self, fname: str) -> PretrainedReport:
+        """Start from a trained model: the plain network (W0) and the heads of the classes the source has,
+        matched by name, from any nnU-Net checkpoint of these plans; experts fresh (nnunetv2_lorkd.pretrained)."""
+        if not self.was_initialized:
+            self.initialize()
+        source = read_source_checkpoint(fname)
+        names = class_names_by_channel(self.dataset_json, "this training's dataset.json")
+        report = load_pretrained_into(self.network, source, names)
+        self.print_to_log_file(report.summary())
+        return report
 
     def _describe_network(self) -> str:
         report = expert_parameter_report(self.network)
@@ -191,7 +216,15 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             student = student_preprocessing(
                 self.plans_manager.plans, self.configuration_name, self.dataset_json, f"student {type(self).__name__}"
             )
-            note = self.distillation.prepare(self.device, dataset_tr, case_regions, self.loss, student)
+            note = self.distillation.prepare(
+                self.device,
+                dataset_tr,
+                case_regions,
+                self.loss,
+                student,
+                validation_cases=dataset_val.identifiers,
+                fold=self.fold,
+            )
             self.print_to_log_file(note)
         return dataset_tr, dataset_val
 
@@ -203,7 +236,7 @@ class nnUNetTrainerLoRKD(nnUNetTrainer):
             if self.dataset_class is None:
                 self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
             cases = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-            save_json(region_stratified_splits({c: self.region_map.region_of_case(c) for c in cases}), splits_file)
+            save_json(splits_for_cases(self.region_map, cases), splits_file)
             self.print_to_log_file(f"Created a region-stratified 5-fold split: {splits_file}")
         return super().do_split()
 
