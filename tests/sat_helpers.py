@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -186,3 +187,145 @@ def write_model_folder(
     }
     torch.save(checkpoint, os.path.join(folder, f"fold_{fold}", "checkpoint_final.pth"))
     return folder
+
+
+# ------------------------------------------------------------------------- synthetic SAT-style training
+# Three regions of three classes each; a class is a disc of its own intensity (classes of different regions may
+# share the image but are only annotated in their own region's cases, as in a merged dataset).
+SYNTH_INTENSITIES = ((2.0, -1.5, 1.0), (1.2, 3.0, -2.0), (-2.5, 2.5, 1.8))
+SYNTH_SIZE = 32
+
+
+def _synth_offsets() -> list[int]:
+    return [sum(len(r) for r in SYNTH_INTENSITIES[:i]) for i in range(len(SYNTH_INTENSITIES))]
+
+
+def synthetic_cases(per_region: int, seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(region, image (H, W) float32, label map (H, W) int64 with values 0..9) per case."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SYNTH_SIZE, :SYNTH_SIZE]
+    cases = []
+    for region, (offset, intensities) in enumerate(zip(_synth_offsets(), SYNTH_INTENSITIES, strict=True)):
+        for _ in range(per_region):
+            image = rng.normal(0, 0.5, (SYNTH_SIZE, SYNTH_SIZE)).astype(np.float32)
+            seg = np.zeros((SYNTH_SIZE, SYNTH_SIZE), dtype=np.int64)
+            for j, intensity in enumerate(intensities):
+                cy, cx = rng.uniform(5, SYNTH_SIZE - 5, 2)
+                disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.uniform(2.0, 4.0) ** 2
+                seg[disc] = offset + j + 1
+                image[disc] += intensity
+            cases.append((region, image, seg))
+    return cases
+
+
+def synthetic_labels(region: int) -> tuple[int, ...]:
+    offset = _synth_offsets()[region]
+    return tuple(range(offset + 1, offset + 1 + len(SYNTH_INTENSITIES[region])))
+
+
+def synthetic_class_mask(regions: list[int]) -> torch.Tensor:
+    num_classes = sum(len(r) for r in SYNTH_INTENSITIES)
+    mask = torch.zeros(len(regions), num_classes + 1, dtype=torch.bool)
+    mask[:, 0] = True
+    for row, region in enumerate(regions):
+        mask[row, list(synthetic_labels(region))] = True
+    return mask
+
+
+def text_like_embeddings(num_classes: int, seed: int, mean_cosine: float = 0.3, dim: int = 384) -> torch.Tensor:
+    """Unit vectors sharing a common direction, pairwise cosine ~``mean_cosine`` (MiniLM gives 0.28 on the
+    demo's 36 anatomy names), so tests need no text model."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
+    own = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=gen), dim=1)
+    return torch.nn.functional.normalize(math.sqrt(mean_cosine / (1 - mean_cosine)) * common + own, dim=1)
+
+
+def to_legacy(net) -> None:
+    """Make ``net`` what a checkpoint from before the cosine head loads as, at the old initialisation: bias 0, no
+    logit_scale / head_version in the state (so the old formula)."""
+    state = {k: v for k, v in net.state_dict().items() if k not in ("prompt.logit_scale", "prompt.head_version")}
+    state["prompt.class_bias"] = torch.zeros_like(state["prompt.class_bias"])
+    net.load_state_dict(state, strict=True)
+
+
+def synthetic_sat_network(seed: int, init: str, cases, embedding_dim: int = 32, hidden_dim: int = 256):
+    """The 2D SAT-style network of :func:`tiny_plans` on the synthetic problem, initialised the new way (bias at
+    logit(prior) from ``cases``, cosine head) or the old way (``init="old"``)."""
+    from nnunetv2_lorkd.sat import SATConfig, build_prompted_network, foreground_priors
+
+    num_classes = sum(len(r) for r in SYNTH_INTENSITIES)
+    plans, configuration = tiny_plans(2)
+    plans["configurations"][configuration]["patch_size"] = [SYNTH_SIZE, SYNTH_SIZE]
+    names = tuple(f"class {i}" for i in range(num_classes))
+    SATConfig(names, names, "all-MiniLM-L6-v2", 384, embedding_dim, hidden_dim).store_in(plans, configuration, {})
+    plans_manager, cm = managers(plans, configuration)
+    torch.manual_seed(seed)
+    net = build_prompted_network(plans_manager, cm, 1, num_classes + 1, False)
+    net.prompt.set_class_embeddings(text_like_embeddings(num_classes, 1000 + seed))
+    if init == "old":
+        to_legacy(net)
+    elif init == "new":
+        priors = foreground_priors(((seg, synthetic_labels(region)) for region, _, seg in cases), num_classes)
+        net.prompt.init_class_bias(priors.priors)
+    else:
+        raise ValueError(f"init must be 'new' or 'old', got {init!r}")
+    return net
+
+
+def pseudo_dice(net, cases) -> np.ndarray:
+    """Per-class Dice of the trainer's online validation: argmax over background + each case's annotated classes,
+    each class scored on the cases annotated for it."""
+    mask = synthetic_class_mask([c[0] for c in cases])
+    x = torch.from_numpy(np.stack([c[1] for c in cases]))[:, None]
+    target = torch.from_numpy(np.stack([c[2] for c in cases]))
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    net.train()
+    prediction = logits.masked_fill(~mask[:, :, None, None], float("-inf")).argmax(1)
+    dice = []
+    for k in range(1, mask.shape[1]):
+        p, t = prediction[mask[:, k]] == k, target[mask[:, k]] == k
+        tp, wrong = int((p & t).sum()), int((p ^ t).sum())
+        dice.append(2 * tp / max(2 * tp + wrong, 1))
+    return np.array(dice)
+
+
+def train_until_dice(
+    net, cases, val_cases, max_iterations: int, every: int = 10, seed: int = 0, batch_size: int = 4
+) -> dict:
+    """nnU-Net's optimiser (SGD 1e-2, Nesterov 0.99, poly schedule over ``max_iterations``, clip 12) on the masked
+    sigmoid Dice + BCE; the pseudo-Dice on ``val_cases`` before training and every ``every`` iterations.
+
+    Returns the first iteration at which some class has Dice > 0 (``first_any``; at iteration 0 the old
+    initialisation already scores a little, by predicting some class almost everywhere), some class Dice > 0.5
+    (``first_class_half``) and the mean class Dice > 0.5 (``first_mean_half``; training stops there), each None if
+    not reached, and the history [(iteration, max Dice, mean Dice)]."""
+    from nnunetv2_lorkd.sat import MaskedSigmoidDiceBCELoss
+
+    rng = np.random.default_rng(seed)
+    loss_fn = MaskedSigmoidDiceBCELoss(batch_dice=True)
+    optimizer = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    result: dict = {"first_any": None, "first_class_half": None, "first_mean_half": None, "history": []}
+    for iteration in range(max_iterations + 1):
+        if iteration > 0:
+            batch = [cases[i] for i in rng.integers(0, len(cases), batch_size)]
+            x = torch.from_numpy(np.stack([c[1] for c in batch]))[:, None]
+            y = torch.from_numpy(np.stack([c[2] for c in batch]))[:, None]
+            optimizer.param_groups[0]["lr"] = 1e-2 * (1 - (iteration - 1) / max_iterations) ** 0.9
+            loss = loss_fn(net(x), y, synthetic_class_mask([c[0] for c in batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+            optimizer.step()
+        if iteration % every == 0:
+            dice = pseudo_dice(net, val_cases)
+            result["history"].append((iteration, float(dice.max()), float(dice.mean())))
+            for key, reached in (("first_any", dice.max() > 0), ("first_class_half", dice.max() > 0.5)):
+                if result[key] is None and reached:
+                    result[key] = iteration
+            if dice.mean() > 0.5:
+                result["first_mean_half"] = iteration
+                break
+    return result

@@ -2,7 +2,8 @@
 
 The plans' U-Net gives per-pixel embeddings; each class is prompted by its dataset.json label name (a frozen
 sentence encoder embeds the name once, at training start, and the embeddings are stored in the checkpoint);
-a small MLP turns each name embedding into a query, and the class logit map is query · embedding. Classes
+a small MLP turns each name embedding into a query, and the class logit map is the scaled cosine of query and
+embedding, each class starting at its foreground prior (see ``_init_class_bias`` and docs/teachers.md). Classes
 are independent sigmoids trained with Dice + BCE over the classes annotated in each sample (partial labels,
 regions from the dataset.json ``lorkd`` section). The output keeps nnU-Net's layout (zero background channel
 + class logits), so ``nnUNetv2_predict -tr nnUNetTrainerSATStyle`` writes a normal label map. It serves as
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -35,6 +37,12 @@ from nnunetv2_lorkd.nnunet.runtime import (
     region_balanced_probabilities,
     summarize_validation_by_region,
 )
+from nnunetv2_lorkd.pretrained import (
+    PretrainedReport,
+    load_pretrained_into,
+    read_source_checkpoint,
+    register_pretrained_loader,
+)
 from nnunetv2_lorkd.regions import RegionMap
 from nnunetv2_lorkd.sat import (
     DEFAULT_TEXT_ENCODER,
@@ -45,9 +53,11 @@ from nnunetv2_lorkd.sat import (
     class_prompt,
     embed_texts,
     foreground_label_names,
+    foreground_priors,
+    subsample_evenly,
     text_dim,
 )
-from nnunetv2_lorkd.splits import region_stratified_splits
+from nnunetv2_lorkd.splits import splits_for_cases
 
 REGION_DICE_KEY = "lorkd_region_dice"
 
@@ -66,6 +76,8 @@ class nnUNetTrainerSATStyle(nnUNetTrainer):
     sat_learned_embedding_dim: int = 64
     sat_embedding_dim: int = 32  # per-pixel embedding / query dimension (SAT-Nano: 64)
     sat_query_hidden_dim: int = 256
+    # training cases per region read at initialisation to estimate the class foreground priors (bounded cost)
+    sat_prior_cases_per_region: int = 16
     # "balanced": every region gets the same share of samples; "cases": nnU-Net's uniform over cases
     lorkd_region_sampling: str = "balanced"
 
@@ -129,6 +141,55 @@ class nnUNetTrainerSATStyle(nnUNetTrainer):
             f"per-pixel embedding {config.embedding_dim}-d, region sampling '{self.lorkd_region_sampling}'",
             also_print_to_console=False,
         )
+        self._init_class_bias()
+        register_pretrained_loader(self.network, self.load_pretrained_weights)  # nnU-Net's -pretrained_weights
+
+    def load_pretrained_weights(self, fname: str) -> PretrainedReport:
+        """-pretrained_weights: the U-Net body from any nnU-Net checkpoint of these plans (vanilla, MTL, LoRKD's W0,
+        SAT-style); its seg layers (embeddings here, classes there) and the prompt head stay fresh."""
+        if not self.was_initialized:
+            self.initialize()
+        source = read_source_checkpoint(fname, class_names=False)
+        report = load_pretrained_into(self.network, source, None, body_prefix="unet.")
+        self.print_to_log_file(report.summary())
+        return report
+
+    def _init_class_bias(self) -> None:
+        """Start class k at sigmoid = its foreground prior (fraction of class-k voxels in the training cases annotated
+        for k) instead of 0.5 everywhere. Runs in initialize(), so a checkpoint being resumed or pretrained weights
+        loaded afterwards replace it."""
+        start = time.perf_counter()
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        by_region: dict[int, list[str]] = {}
+        for case in dataset_tr.identifiers:
+            by_region.setdefault(self.region_map.region_of_case(case), []).append(case)
+        cases = [
+            (case, region)
+            for region, members in sorted(by_region.items())
+            for case in subsample_evenly(members, self.sat_prior_cases_per_region)
+        ]
+
+        def segmentations():
+            for case, region in cases:
+                yield np.asarray(dataset_tr.load_case(case)[1][:]), self.region_map.label_values(region)
+
+        config = self.sat_config
+        priors = foreground_priors(segmentations(), config.num_classes)
+        self._prompted_network().prompt.init_class_bias(priors.priors)
+        rows = zip(config.class_names, priors.priors, priors.measured, strict=True)
+        measured = ", ".join(f"{name} {prior:.4g}" for name, prior, was_measured in rows if was_measured)
+        self.print_to_log_file(
+            f"SAT-style model: class bias = logit(foreground prior) from {priors.num_cases} training cases "
+            f"(at most {self.sat_prior_cases_per_region} per region, {time.perf_counter() - start:.1f} s): {measured}",
+            also_print_to_console=False,
+        )
+        if priors.fallback_classes:
+            names = [config.class_names[k] for k in priors.fallback_classes]
+            self.print_to_log_file(
+                f"SAT-style model: no training case of this fold annotates {names}; their bias starts at the fixed "
+                f"fallback prior logit({priors.priors[priors.fallback_classes[0]]:g})",
+                also_print_to_console=True,
+            )
 
     def _prompted_network(self) -> PromptedUNet:
         net = unwrap_network(self.network)
@@ -163,7 +224,7 @@ class nnUNetTrainerSATStyle(nnUNetTrainer):
             if self.dataset_class is None:
                 self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
             cases = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-            save_json(region_stratified_splits({c: self.region_map.region_of_case(c) for c in cases}), splits_file)
+            save_json(splits_for_cases(self.region_map, cases), splits_file)
             self.print_to_log_file(f"Created a region-stratified 5-fold split: {splits_file}")
         return super().do_split()
 
@@ -220,7 +281,30 @@ class nnUNetTrainerSATStyle(nnUNetTrainer):
         )
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        """nnU-Net's, plus resuming a run from before the cosine head (prompt.head_version 1): the network loads with
+        the old formula (see ClassPromptHead), and its optimiser state, which lacks prompt.logit_scale, gets that
+        parameter inserted at its place in the parameter order, with no momentum yet."""
+        if not self.was_initialized:
+            self.initialize()
+        optimizer = self.optimizer
+        own_load = optimizer.load_state_dict
+
+        def load_state_dict(state: dict) -> None:
+            names = [n for n, _ in self._prompted_network().named_parameters()]
+            groups = state.get("param_groups", [])
+            if self._prompted_network().prompt.legacy and len(groups) == 1 and len(optimizer.param_groups) == 1:
+                stored = list(groups[0]["params"])
+                if len(stored) == len(names) - 1:  # ids map to parameters by position: give logit_scale a new id
+                    at = names.index("prompt.logit_scale")
+                    params = [*stored[:at], max(stored, default=-1) + 1, *stored[at:]]
+                    state = {**state, "param_groups": [{**groups[0], "params": params}]}
+            own_load(state)
+
+        optimizer.load_state_dict = load_state_dict
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            del optimizer.load_state_dict
         self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])
 
     # ------------------------------------------------------------------------------ final validation

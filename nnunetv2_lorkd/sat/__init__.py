@@ -3,6 +3,7 @@ class (see docs/teachers.md). The network and loss import nothing from nnU-Net; 
 
 from .loss import MaskedSigmoidDiceBCELoss
 from .network import (
+    HEAD_VERSION,
     PLANS_KEY,
     ClassPromptHead,
     PromptedUNet,
@@ -12,12 +13,17 @@ from .network import (
     class_prompt,
     foreground_label_names,
 )
+from .priors import FALLBACK_PRIOR, PRIOR_RANGE, ForegroundPriors, foreground_priors, subsample_evenly
 from .text import DEFAULT_TEXT_ENCODER, TextEncoderError, embed_texts, text_dim
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
+    "FALLBACK_PRIOR",
+    "HEAD_VERSION",
     "PLANS_KEY",
+    "PRIOR_RANGE",
     "ClassPromptHead",
+    "ForegroundPriors",
     "MaskedSigmoidDiceBCELoss",
     "PromptedUNet",
     "SATConfig",
@@ -27,5 +33,7 @@ __all__ = [
     "class_prompt",
     "embed_texts",
     "foreground_label_names",
+    "foreground_priors",
+    "subsample_evenly",
     "text_dim",
 ]

@@ -1,5 +1,5 @@
 """The SAT-style prompted segmentation network: an nnU-Net U-Net gives per-pixel embeddings, every class is
-prompted by its name, and a class's logit map is the dot product of its query with those embeddings.
+prompted by its name, and a class's logit map is the scaled cosine of its query with those embeddings.
 
 Output layout (what nnU-Net sees): ``(B, 1 + K, *spatial)`` per deep-supervision scale, channel 0 a constant
 zero "background" logit and channel k the logit of class k. With this layout nnU-Net's softmax + argmax picks
@@ -18,9 +18,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 PLANS_KEY = "lorkd_sat"
 SCHEMA_VERSION = 1
+# prompt head formula stored in checkpoints as ``prompt.head_version``: 1 = <q, e> / sqrt(D) + b on the raw class
+# embeddings (before issue 15), 2 = learned-scale cosine on centred class embeddings (ClassPromptHead)
+HEAD_VERSION = 2
+PIXEL_NORM_EPS = 1e-6
 
 
 class SATConfigError(RuntimeError):
@@ -90,11 +95,23 @@ class SATConfig:
 
 
 class ClassPromptHead(nn.Module):
-    """Class queries from class-name embeddings, and logits as query · per-pixel embedding.
+    """Class queries from class-name embeddings, and logits as a scaled cosine of query and per-pixel embedding.
 
-    logit_k(v) = <q_k, e(v)> / sqrt(D) + b_k with q_k = MLP(t_k). ``t`` is either a frozen persistent buffer
-    (text embeddings, filled once by :meth:`set_class_embeddings` or loaded from a checkpoint) or a learned
-    parameter.
+    logit_k(v) = s · cos(q_k, e(v)) + b_k, with q_k = MLP(t̃_k) and s = exp(logit_scale) learned. ``t`` is either a
+    frozen persistent buffer (text embeddings, filled once by :meth:`set_class_embeddings` or loaded from a
+    checkpoint) or a learned parameter; t̃ is t centred over the classes and rescaled to norm sqrt(text_dim).
+
+    Why: sentence embeddings of anatomy names share a large common component, and a default-initialised MLP maps
+    them to nearly parallel queries (pairwise cosine ~0.97 for the demo's 36 names); centring removes the common
+    part (~0.1 after), and unit-variance inputs let the MLP's weights, not its biases, decide the query. The cosine
+    makes the initial logit spread independent of the backbone's output scale: a random direction has a cosine
+    spread of 1/sqrt(D), so s starts at sqrt(D) (logits spread ~1) and is learned from there. The trainer starts
+    b_k at logit(foreground prior) (:meth:`init_class_bias`) instead of sigmoid 0.5 everywhere.
+
+    ``head_version`` (a persistent buffer) says which formula a checkpoint was trained with. Checkpoints written
+    before the cosine head have neither ``head_version`` nor ``logit_scale``; they load as version 1, the old
+    formula ``<q_k, e(v)> / sqrt(D) + b_k`` on the raw embeddings (s = 1/sqrt(D), equal to the old logits up to
+    float rounding; if such a model is trained further, s is learned like in version 2).
     """
 
     def __init__(self, config: SATConfig):
@@ -114,10 +131,18 @@ class ClassPromptHead(nn.Module):
             nn.Linear(config.query_hidden_dim, config.embedding_dim),
         )
         self.class_bias = nn.Parameter(torch.zeros(config.num_classes))
+        self.logit_scale = nn.Parameter(torch.tensor(0.5 * math.log(config.embedding_dim)))
+        self.register_buffer("head_version", torch.tensor(HEAD_VERSION, dtype=torch.long), persistent=True)
+        self._legacy = False
 
     @property
     def learned(self) -> bool:
         return isinstance(self.class_embeddings, nn.Parameter)
+
+    @property
+    def legacy(self) -> bool:
+        """True for a version-1 model (trained before the cosine head): raw embeddings, dot product."""
+        return self._legacy
 
     def set_class_embeddings(self, embeddings: torch.Tensor) -> None:
         if self.learned:
@@ -131,29 +156,64 @@ class ClassPromptHead(nn.Module):
             self.class_embeddings.copy_(embeddings.to(self.class_embeddings))
         self._embeddings_ready = True
 
+    def init_class_bias(self, priors: Sequence[float] | torch.Tensor) -> None:
+        """Start class k at sigmoid = priors[k] everywhere (b_k = logit(prior)): the loss then starts from calibrated
+        background predictions instead of spending its first iterations pushing every voxel down from 0.5."""
+        values = torch.as_tensor(priors, dtype=torch.float64).flatten()
+        if values.numel() != self.num_classes:
+            raise SATConfigError(f"{values.numel()} priors for {self.num_classes} classes")
+        if not bool(((values > 0) & (values < 1)).all()):
+            raise SATConfigError(f"priors must lie strictly between 0 and 1, got {values.tolist()}")
+        with torch.no_grad():
+            self.class_bias.copy_(torch.logit(values).to(self.class_bias))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        scale_key, version_key = prefix + "logit_scale", prefix + "head_version"
+        if scale_key not in state_dict and version_key not in state_dict:  # written before the cosine head
+            state_dict[version_key] = torch.tensor(1, dtype=torch.long)
+            state_dict[scale_key] = torch.tensor(-0.5 * math.log(self.embedding_dim))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        version = int(self.head_version)
+        if version not in (1, HEAD_VERSION):
+            raise SATConfigError(f"prompt head version {version} is not supported (known: 1, {HEAD_VERSION})")
+        self._legacy = version == 1
         if prefix + "class_embeddings" in state_dict:  # a checkpoint carries the embeddings it was trained with
             self._embeddings_ready = True
 
+    def _query_inputs(self) -> torch.Tensor:
+        embeddings = self.class_embeddings
+        if self._legacy:
+            return embeddings
+        if embeddings.shape[0] > 1:  # centred over all classes, so a subset's queries equal the full model's
+            embeddings = embeddings - embeddings.mean(0, keepdim=True)
+        return F.normalize(embeddings, dim=1) * math.sqrt(embeddings.shape[1])
+
     def queries(self, class_indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K', D) class queries (unit length unless legacy) and (K',) biases, for all or the given classes."""
         if not self._embeddings_ready:
             raise SATConfigError(
                 "the class-name embeddings were never set: load a trained checkpoint, or call "
                 "set_class_embeddings() with the text encoder's embeddings before the first forward"
             )
-        embeddings, bias = self.class_embeddings, self.class_bias
+        queries, bias = self.query_mlp(self._query_inputs()), self.class_bias
         if class_indices is not None:
-            index = torch.as_tensor(list(class_indices), dtype=torch.long, device=embeddings.device)
-            embeddings, bias = embeddings.index_select(0, index), bias.index_select(0, index)
-        return self.query_mlp(embeddings), bias
+            index = torch.as_tensor(list(class_indices), dtype=torch.long, device=queries.device)
+            queries, bias = queries.index_select(0, index), bias.index_select(0, index)
+        if not self._legacy:
+            queries = F.normalize(queries, dim=1)
+        return queries, bias
 
     def forward(self, pixel_embeddings: torch.Tensor, class_indices: Sequence[int] | None = None) -> torch.Tensor:
-        """(B, D, *spatial) embeddings -> (B, K', *spatial) class logits."""
+        """(B, D, *spatial) embeddings -> (B, K', *spatial) class logits, in the embeddings' dtype."""
         queries, bias = self.queries(class_indices)
         logits = torch.einsum("bd...,kd->bk...", pixel_embeddings, queries.to(pixel_embeddings.dtype))
-        spatial = [1] * (pixel_embeddings.dim() - 2)
-        return logits / math.sqrt(self.embedding_dim) + bias.to(logits.dtype).view(1, -1, *spatial)
+        bias = bias.view(1, -1, *([1] * (pixel_embeddings.dim() - 2)))
+        if self._legacy:
+            return logits * self.logit_scale.exp().to(logits.dtype) + bias.to(logits.dtype)
+        # cosine: divide by the per-voxel norm in float32 (a half-precision norm can underflow)
+        norm = torch.linalg.vector_norm(pixel_embeddings, dim=1, keepdim=True, dtype=torch.float32)
+        scaled = logits.float() * (self.logit_scale.float().exp() / norm.clamp_min(PIXEL_NORM_EPS))
+        return (scaled + bias.float()).to(logits.dtype)
 
 
 class PromptedUNet(nn.Module):
