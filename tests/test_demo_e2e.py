@@ -65,7 +65,16 @@ def test_tiny_preset_end_to_end_then_resume(tmp_path: Path) -> None:
 
     report = (run / "report" / "report.md").read_text()
     assert report.startswith("# LoRKD demo report — preset `tiny` (SMOKE RUN)")
-    assert "Goal: On every region, the LoRKD fused experts" in report and "This run: the goal is **" in report
+    assert "Goal: (1) Every model segments the large organs" in report and "This run: the goal is **" in report
+    assert "| liver (85) |" in report  # the landmark class of the abdomen is judged for every model
+    assert "## Learning curves" in report and (run / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(metrics["curves"]) == {"teacher", "lorkd", "mtl", "specialist"}
+    assert all(len(c["values"]) == 1 for per_region in metrics["curves"].values() for c in per_region.values())
+    train_logs = {p.name: p.read_text() for p in (run / "logs").glob("train_*.log")}
+    assert all("lorkd-demo: seed 0" in text for text in train_logs.values()), list(train_logs)
+    # the students and the MTL baseline start from the teacher's backbone
+    assert "-pretrained_weights" in train_logs["train_nnUNetTrainerLoRKD_Dataset700_LoRKDMerged.log"]
+    assert "-pretrained_weights" in train_logs["train_nnUNetTrainerMTL_Dataset700_LoRKDMerged.log"]
     assert "not manual annotations" in report and "| **mean** |" in report
     for region in ("abdomen", "pelvis"):
         assert (run / "report" / f"{region}.png").read_bytes()[:4] == b"\x89PNG"
@@ -87,3 +96,13 @@ def test_tiny_preset_end_to_end_then_resume(tmp_path: Path) -> None:
     # --redo evaluate recomputes evaluate (and the report), nothing before it
     redone = _demo(work, "--redo", "evaluate")
     assert "evaluate: done in" in redone and "predict: already done, skipped" in redone
+
+    # a second seed trains every model again beside the first (seed 0 is found done) and reports mean and spread
+    seeded = _demo(work, "--seeds", "2")
+    assert "seed 1 of 0..1" in seeded and "mean and spread over 2 seeds" in seeded
+    assert (work / "nnUNet_results_seed1" / "Dataset700_LoRKDMerged").is_dir()
+    seed1_log = work / "tiny_seed1" / "logs" / "train_nnUNetTrainerLoRKD_Dataset700_LoRKDMerged.log"
+    assert "lorkd-demo: seed 1" in seed1_log.read_text()
+    seeds_md = (run / "report" / "seeds.md").read_text()
+    assert seeds_md.startswith("# LoRKD demo, preset `tiny`: 2 seeds (0, 1)")
+    assert "| abdomen | lorkd - mtl |" in seeds_md

@@ -24,6 +24,7 @@ from .metrics import DEFAULT_TOLERANCE_MM, score_cases
 if TYPE_CHECKING:
     from .run import Demo
 
+FOLD_NAME = 0  # the demo trains fold 0
 METHODS = ("teacher", "lorkd", "mtl", "specialist")
 METHOD_NAMES = {
     "teacher": "SAT-style teacher",
@@ -158,4 +159,34 @@ def evaluate_all(demo: Demo, tolerance_mm: float = DEFAULT_TOLERANCE_MM, log: Ca
         "methods": {m: METHOD_NAMES[m] for m in METHODS},
         "regions": regions,
         "parameters": parameters,
+        "curves": learning_curves(demo),
+    }
+
+
+def learning_curves(demo: Demo) -> dict:
+    """method -> region -> {"iterations_per_epoch", "values" (pseudo-Dice per epoch), "end" (where it stands)}."""
+    from .curves import curve_end, region_curves
+
+    merged_json = json.loads((demo.raw / demo.merged / "dataset.json").read_text())
+    merged_regions = [r["name"] for r in merged_json["lorkd"]["regions"]]
+    checkpoints = {
+        "teacher": demo.model_folder(demo.merged, "nnUNetTrainerSATStyle"),
+        "lorkd": demo.model_folder(demo.merged, "nnUNetTrainerLoRKD"),
+        "mtl": demo.model_folder(demo.merged, "nnUNetTrainerMTL"),
+    }
+    curves: dict[str, dict] = {}
+    for method, folder in checkpoints.items():
+        per_region = region_curves(folder / f"fold_{FOLD_NAME}" / "checkpoint_final.pth", merged_regions, True)
+        curves[method] = {r: per_region[r] for r in demo.regions}
+    curves["specialist"] = {}
+    for region, dataset in demo.region_datasets.items():
+        checkpoint = demo.model_folder(dataset, "nnUNetTrainer") / f"fold_{FOLD_NAME}" / "checkpoint_final.pth"
+        curves["specialist"].update(region_curves(checkpoint, [region], False))
+    iterations = demo.preset.iterations
+    return {
+        method: {
+            region: {"iterations_per_epoch": iterations, "values": values, "end": curve_end(values)}
+            for region, values in per_region.items()
+        }
+        for method, per_region in curves.items()
     }

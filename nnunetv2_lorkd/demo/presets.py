@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the demo passes each run's seed to its trainers in this variable (trainers/demo.py seeds Python, NumPy and torch)
+SEED_VARIABLE = "LORKD_DEMO_SEED"
 BASE_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSATStyle", "nnUNetTrainerLoRKD", "nnUNetTrainerMTL")
 
 
@@ -24,9 +26,10 @@ BASE_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSATStyle", "nnUNetTrainerLoRKD",
 class SmallNetwork:
     """Caps applied to nnU-Net's planned configuration for the CPU presets (written as their own plans)."""
 
-    max_features: int  # features per stage: half of nnU-Net's, at most this
+    max_features: int  # features per stage: nnU-Net's divided by feature_divisor, at most this (at least 8)
     max_batch: int
     max_patch: int  # per axis, rounded down to a multiple of the network's total downsampling
+    feature_divisor: int = 2
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,20 @@ class Preset:
     teacher_epochs: int  # the teacher plays the pre-trained foundation model: it may train longer
     iterations: int  # training iterations per epoch
     val_iterations: int  # validation iterations per epoch
-    tta: bool  # mirroring at validation and prediction
+    # mirroring as augmentation and at test time: off in every preset. Left and right organs (lungs, kidneys,
+    # femurs, hips, gluteal muscles, iliopsoas) are different classes; a mirrored slice shows a left organ where
+    # the right one belongs, so a model trained with mirroring confuses them (the first cpu run of issue 15: left
+    # lung Dice 0, right lung 39-65 on the thorax specialist)
+    tta: bool
+    # the largest in-plane rotation of the augmentation, in degrees (None: nnU-Net's; its 2d rule rotates whole
+    # slices by up to 180 degrees, which these consistently oriented CT scans never need)
+    max_rotation_deg: float | None
     final_validation: bool  # nnU-Net's final validation after training (the demo scores on test parts anyway)
     device: str  # "cpu" or "cuda"
     kd_mode: str  # "online" (cheaper for short runs: no sliding-window pass over every case) or "cached"
+    # the LoRKD students and the MTL baseline start from the teacher's backbone (LoRKD decomposes a trained model;
+    # the baseline gets the same start so that the comparison isolates experts + distillation)
+    students_from_teacher: bool
     smoke: bool  # results are a smoke run (too short to judge the method)
     regions: tuple[str, ...]
     description: str
@@ -62,20 +75,47 @@ PRESETS: dict[str, Preset] = {
         suffix="demoCPU",
         configuration="2d",
         plans="nnUNetPlansDemoCPU",
-        small_network=SmallNetwork(max_features=64, max_batch=4, max_patch=64),
-        epochs=12,
-        teacher_epochs=64,
-        iterations=40,
+        # the whole 3 mm slice (about 101 x 122 voxels) in one patch; a quarter of nnU-Net's features (8 ... 128),
+        # which trains 2.8x faster per iteration than half of them and leaves the budget for iterations
+        small_network=SmallNetwork(max_features=128, max_batch=4, max_patch=128, feature_divisor=4),
+        epochs=16,
+        teacher_epochs=24,
+        iterations=50,
         val_iterations=2,
         tta=False,
+        max_rotation_deg=15.0,
         final_validation=False,
         device="cpu",
         kd_mode="online",
-        smoke=True,
+        students_from_teacher=True,
+        smoke=False,
         regions=CT_REGIONS,
-        description="SMOKE RUN: 2d, a small network (features <= 64, batch <= 4, patch <= 64 x 64), 12 epochs x 40 "
-        "iterations per model (the teacher 64), no test-time mirroring, no nnU-Net final validation; it shows that "
-        "the pipeline works end to end, it cannot show what the method achieves",
+        description="CPU RUN (<= 25 min on 2 cores): 2d, whole-slice patches (<= 128 x 128), a small network "
+        "(features 8 ... 128, batch <= 4), 16 epochs x 50 iterations per model (the teacher 24), the LoRKD students "
+        "and the MTL baseline starting from the teacher's backbone, no mirroring, rotation <= 15 degrees, no nnU-Net "
+        "final validation",
+    ),
+    "cpu-full": Preset(
+        name="cpu-full",
+        suffix="demoCPUFull",
+        configuration="2d",
+        plans="nnUNetPlansDemoCPU",  # the cpu preset's network and preprocessed data: only the schedule is longer
+        small_network=SmallNetwork(max_features=128, max_batch=4, max_patch=128, feature_divisor=4),
+        epochs=32,
+        teacher_epochs=48,
+        iterations=50,
+        val_iterations=2,
+        tta=False,
+        max_rotation_deg=15.0,
+        final_validation=False,
+        device="cpu",
+        kd_mode="online",
+        students_from_teacher=True,
+        smoke=False,
+        regions=CT_REGIONS,
+        description="LONGER CPU RUN (about 35 min on 2 cores): the cpu preset's network and data, 32 epochs x 50 "
+        "iterations per model (the teacher 48), the LoRKD students and the MTL baseline starting from the teacher's "
+        "backbone, no mirroring, rotation <= 15 degrees, no nnU-Net final validation",
     ),
     "gpu": Preset(
         name="gpu",
@@ -87,14 +127,16 @@ PRESETS: dict[str, Preset] = {
         teacher_epochs=200,
         iterations=250,
         val_iterations=50,
-        tta=True,
+        tta=False,
+        max_rotation_deg=None,
         final_validation=True,
         device="cuda",
         kd_mode="cached",
+        students_from_teacher=True,
         smoke=False,
         regions=(*CT_REGIONS, "brain"),
         description="benchmark: 3d_fullres with nnU-Net's own plans, 100 epochs x 250 iterations per model (the "
-        "teacher 200), test-time mirroring",
+        "teacher 200), no mirroring (left/right classes)",
     ),
     "tiny": Preset(
         name="tiny",
@@ -107,9 +149,11 @@ PRESETS: dict[str, Preset] = {
         iterations=4,
         val_iterations=1,
         tta=False,
+        max_rotation_deg=15.0,
         final_validation=False,
         device="cpu",
         kd_mode="online",
+        students_from_teacher=True,
         smoke=True,
         regions=("abdomen", "pelvis"),
         description="TEST RUN (CI): 2d, a tiny network, 1 epoch x 4 iterations per model on two regions; it only "

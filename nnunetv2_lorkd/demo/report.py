@@ -1,21 +1,28 @@
 """The demo report: a markdown file with the goal, the verdict, the tables and the caveats, plus one PNG bar
 chart per region. Everything is computed from the metrics; nothing is rounded in anyone's favour.
 
-The goal (from the project's issue): on every region, the LoRKD fused experts reach at least the teacher's
-and the MTL baseline's mean Dice, and are within 1 Dice point (0.01) of the per-region specialists.
+The goal (from the project's issue 15) has three parts: every model segments the large organs (the lungs and
+the liver), the LoRKD fused experts reach at least the teacher's and the MTL baseline's mean Dice on at least 3
+of 4 regions, and they are within 3 Dice points of the per-region specialists on every region.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+# class -> the Dice every model must reach on it (where the region with that class is in the run)
+LANDMARKS = {"lung_right": 0.90, "lung_left": 0.90, "liver": 0.85}
+SPECIALIST_MARGIN = 0.03
+BEAT_SHARE = 0.75  # LoRKD >= teacher and >= MTL on at least this share of the regions (rounded up)
 GOAL = (
-    "On every region, the LoRKD fused experts reach at least the mean Dice of the SAT-style teacher and of the MTL "
-    "baseline, and are within 1 Dice point (0.01) of the per-region nnU-Net specialists."
+    "(1) Every model segments the large organs: Dice >= 90 on each lung and >= 85 on the liver. (2) The LoRKD fused "
+    "experts reach at least the mean Dice of the SAT-style teacher and of the MTL baseline on at least 3 of 4 "
+    "regions (75 % of the regions, rounded up). (3) The LoRKD fused experts are within 3 Dice points (0.03) of the "
+    "per-region nnU-Net specialists on every region."
 )
-SPECIALIST_MARGIN = 0.01
-_ROUNDING = 1e-9  # 0.80 - 0.01 is 0.79000000000000004 in floating point; a Dice of exactly 0.79 is within 1 point
+_ROUNDING = 1e-9  # 0.80 - 0.03 is 0.7700000000000001 in floating point; a Dice of exactly 0.77 is within 3 points
 SCANS_NOTE = (
     "Each region has one scan (the test parts are slabs of the same scan as the training parts, separated by "
     "gaps), so this is a smoke benchmark of the pipeline on real anatomy, not evidence that results generalise "
@@ -23,25 +30,55 @@ SCANS_NOTE = (
 )
 ORDER = ("teacher", "lorkd", "mtl", "specialist")
 COLORS = {"teacher": "#8c8c8c", "lorkd": "#d62728", "mtl": "#1f77b4", "specialist": "#2ca02c"}
+CHECK_NEAR = f"lorkd >= specialist - {SPECIALIST_MARGIN:g}"
+
+
+def _all_or_none(states: list[bool | None]) -> bool | None:
+    return None if any(s is None for s in states) else all(states)
 
 
 def verdict(metrics: dict) -> dict:
-    """Per region and overall: does the run meet the goal? (None where a mean Dice is undefined.)"""
+    """Per region, per landmark class and overall: does the run meet each part of the goal? (None where a
+    Dice it needs is undefined.) Works on one run's metrics and on the per-seed means alike."""
     regions = {}
     for region, data in metrics["regions"].items():
         means = {m: data["methods"][m]["mean_dice"] for m in ORDER}
         if any(v is None for v in means.values()):
-            regions[region] = {"met": None, "checks": {}, "means": means}
+            regions[region] = {"met": None, "beats": None, "near": None, "checks": {}, "means": means}
             continue
         checks = {
             "lorkd >= teacher": means["lorkd"] >= means["teacher"],
             "lorkd >= mtl": means["lorkd"] >= means["mtl"],
-            "lorkd >= specialist - 0.01": means["lorkd"] >= means["specialist"] - SPECIALIST_MARGIN - _ROUNDING,
+            CHECK_NEAR: means["lorkd"] >= means["specialist"] - SPECIALIST_MARGIN - _ROUNDING,
         }
-        regions[region] = {"met": all(checks.values()), "checks": checks, "means": means}
-    states = [r["met"] for r in regions.values()]
-    overall = None if any(s is None for s in states) else all(states)
-    return {"regions": regions, "met": overall}
+        beats = checks["lorkd >= teacher"] and checks["lorkd >= mtl"]
+        regions[region] = {"met": beats and checks[CHECK_NEAR], "beats": beats, "near": checks[CHECK_NEAR],
+                           "checks": checks, "means": means}  # fmt: skip
+    landmarks: dict[str, dict] = {}
+    for region, data in metrics["regions"].items():
+        for name, minimum in LANDMARKS.items():
+            if name not in data["classes"]:
+                continue
+            dice = {m: data["methods"][m]["dice"].get(name) for m in ORDER}
+            ok = {m: None if d is None else d >= minimum - _ROUNDING for m, d in dice.items()}
+            landmarks[name] = {"region": region, "minimum": minimum, "dice": dice, "ok": ok,
+                               "met": _all_or_none(list(ok.values()))}  # fmt: skip
+    beat_states = [r["beats"] for r in regions.values()]
+    needed = math.ceil(BEAT_SHARE * len(regions))
+    beaten = sum(1 for b in beat_states if b)
+    parts = {
+        "segments": _all_or_none([v["met"] for v in landmarks.values()]) if landmarks else None,
+        "beats_baselines": None if any(b is None for b in beat_states) else beaten >= needed,
+        "near_specialists": _all_or_none([r["near"] for r in regions.values()]),
+    }
+    return {
+        "regions": regions,
+        "landmarks": landmarks,
+        "beaten": beaten,
+        "needed": needed,
+        "parts": parts,
+        "met": _all_or_none(list(parts.values())),
+    }
 
 
 def _pct(value: float | None) -> str:
@@ -85,6 +122,87 @@ def bar_chart(region: str, data: dict, names: dict[str, str], path: Path, smoke:
     return path
 
 
+STATUS = {True: "**met**", False: "**not met**", None: "**cannot be judged** (a Dice it needs is undefined)"}
+
+
+def verdict_lines(result: dict, spread: dict | None = None) -> list[str]:
+    """The verdict as markdown: the three parts of the goal, the per-region table and the landmark classes.
+    ``spread`` (region -> method -> standard deviation over seeds) adds a +- column to the means."""
+    yes_no = {True: "yes", False: "no", None: "–"}
+    parts = result["parts"]
+    lines = [
+        f"This run: the goal is {STATUS[result['met']]}.",
+        "",
+        f"- (1) every model segments the lungs and the liver: {STATUS[parts['segments']]}",
+        f"- (2) LoRKD >= teacher and >= MTL on {result['beaten']} of {len(result['regions'])} regions (needed: "
+        f"{result['needed']}): {STATUS[parts['beats_baselines']]}",
+        f"- (3) LoRKD within {100 * SPECIALIST_MARGIN:g} Dice points of the specialist on every region: "
+        f"{STATUS[parts['near_specialists']]}",
+        "",
+    ]
+    header = ["region", "teacher", "LoRKD fused", "MTL", "specialist", "LoRKD ≥ teacher", "LoRKD ≥ MTL"]
+    header += [f"LoRKD ≥ specialist − {100 * SPECIALIST_MARGIN:g}"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for region, r in result["regions"].items():
+        checks = r["checks"]
+
+        def cell(method: str, region: str = region, r: dict = r) -> str:
+            value = _pct(r["means"][method])
+            if spread is not None and r["means"][method] is not None:
+                sd = spread.get(region, {}).get(method)
+                value += "" if sd is None else f" ± {100 * sd:.1f}"
+            return value
+
+        marks = [yes_no[checks.get(k)] for k in ("lorkd >= teacher", "lorkd >= mtl", CHECK_NEAR)]
+        lines.append(f"| {region} | " + " | ".join(cell(m) for m in ORDER) + " | " + " | ".join(marks) + " |")
+    lines += ["", "Mean Dice over the region's classes, in % (test parts only)."]
+    if result["landmarks"]:
+        lines += ["", "| landmark class (minimum Dice) | " + " | ".join(ORDER) + " | met |",
+                  "|---|" + "---|" * (len(ORDER) + 1)]  # fmt: skip
+        for name, entry in result["landmarks"].items():
+            cells = [_pct(entry["dice"][m]) + ("" if entry["ok"][m] in (True, None) else " ✗") for m in ORDER]
+            met = yes_no[entry["met"]]
+            lines.append(f"| {name} ({100 * entry['minimum']:g}) | " + " | ".join(cells) + f" | {met} |")
+    lines.append("")
+    return lines
+
+
+def curve_lines(curves: dict, names: dict[str, str], chart: str | None) -> list[str]:
+    """Where each model's learning curve stands at the end (pseudo-Dice on the training-fit validation case)."""
+    from .curves import RISING_MARGIN
+
+    lines = ["## Learning curves", ""]
+    lines.append(
+        "nnU-Net's per-epoch pseudo-Dice on the validation case, which in this demo is a training case (the test "
+        "parts are never looked at during training): it says whether a model has finished fitting its training "
+        f"data. 'still rising': the last fifth of the epochs averages more than {100 * RISING_MARGIN:g} points above "
+        "the fifth before."
+    )
+    lines.append("")
+    if chart:
+        lines += [f"![learning curves]({chart})", ""]
+    lines += ["| region | " + " | ".join(names[m] for m in ORDER if m in curves) + " |",
+              "|---|" + "---|" * sum(1 for m in ORDER if m in curves)]  # fmt: skip
+    regions = list(next(iter(curves.values())))
+    for region in regions:
+        cells = []
+        for method in ORDER:
+            if method not in curves:
+                continue
+            entry = curves[method].get(region)
+            if entry is None:
+                cells.append("–")
+                continue
+            end = entry["end"]
+            change = "" if end["change"] is None else f", {100 * end['change']:+.1f} over the last fifth"
+            iterations = len(entry["values"]) * entry["iterations_per_epoch"]
+            cells.append(f"{_pct(end['final'])} at {iterations} it. ({end['state']}{change})")
+        lines.append(f"| {region} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def render_markdown(metrics: dict, run: dict, charts: dict[str, str]) -> str:
     names = metrics["methods"]
     result = verdict(metrics)
@@ -100,30 +218,13 @@ def render_markdown(metrics: dict, run: dict, charts: dict[str, str]) -> str:
             "",
         ]
     lines += ["## Goal and verdict", "", f"Goal: {GOAL}", ""]
-    status = {True: "**met**", False: "**not met**", None: "**cannot be judged** (a mean Dice is undefined)"}
-    lines.append(f"This run: the goal is {status[result['met']]}.")
-    lines.append("")
-    header = ["region", "teacher", "LoRKD fused", "MTL", "specialist", "LoRKD ≥ teacher", "LoRKD ≥ MTL"]
-    header += ["LoRKD ≥ specialist − 1", "met"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for region, r in result["regions"].items():
-        checks = r["checks"]
-
-        def mark(key: str, checks: dict = checks) -> str:
-            return "–" if key not in checks else ("yes" if checks[key] else "no")
-
-        lines.append(
-            f"| {region} | " + " | ".join(_pct(r["means"][m]) for m in ORDER)
-            + f" | {mark('lorkd >= teacher')} | {mark('lorkd >= mtl')} | {mark('lorkd >= specialist - 0.01')} | "
-            + {True: "yes", False: "no", None: "–"}[r["met"]] + " |"
-        )  # fmt: skip
+    lines += verdict_lines(result)
     kd_source = (
         "its soft labels computed online on every training patch"
         if run["kd_mode"] == "online"
         else "its soft labels precomputed once per case and augmented with the patch"
     )
-    lines += ["", "Mean Dice over the region's classes, in % (test parts only). Methods:", ""]
+    lines += ["Methods:", ""]
     lines += [
         "- **SAT-style teacher**: one text-prompted universal model (`nnUNetTrainerSATStyle`) trained on all regions; "
         "scored on each region's classes (argmax over background + those classes).",
@@ -159,6 +260,8 @@ def render_markdown(metrics: dict, run: dict, charts: dict[str, str]) -> str:
         cells = [f"**{_pct(data['methods'][m]['mean_dice'])} / {_pct(data['methods'][m]['mean_nsd'])}**" for m in ORDER]
         lines.append("| **mean** | | " + " | ".join(cells) + " |")
         lines.append("")
+    if "curves" in metrics:
+        lines += curve_lines(metrics["curves"], names, charts.get("curves"))
     params = metrics["parameters"]
     lines += ["## Parameters", "", "| model | parameters | what is deployed per region |", "|---|---|---|"]
     lines.append(f"| SAT-style teacher | {_millions(params['teacher']['total'])} | the whole model |")
@@ -219,6 +322,19 @@ def write_report(metrics: dict, run: dict, out_dir: str | Path) -> Path:
     for region, data in metrics["regions"].items():
         path = bar_chart(region, data, metrics["methods"], out_dir / f"{region}.png", run["smoke"])
         charts[region] = path.name
+    if metrics.get("curves"):
+        from .curves import plot_curves
+
+        curves = metrics["curves"]
+        path = plot_curves(
+            {m: {r: e["values"] for r, e in per_region.items()} for m, per_region in curves.items()},
+            {m: next(iter(per_region.values()))["iterations_per_epoch"] for m, per_region in curves.items()},
+            metrics["methods"],
+            COLORS,
+            out_dir / "curves.png",
+            "pseudo-Dice per epoch (validation case = a training case)",
+        )
+        charts["curves"] = path.name
     text = render_markdown(metrics, run, charts)
     target = out_dir / "report.md"
     tmp = target.with_name(".report.md.tmp")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from nnunetv2_lorkd.data.build import DEFAULT_BASE_ID, MANIFEST, merged_dataset_name, region_dataset_name
 
-from .presets import BASE_TRAINERS, Preset, get_preset
+from .presets import BASE_TRAINERS, SEED_VARIABLE, Preset, get_preset
 
 BIN = Path(sys.executable).parent
 # our own commands, run as `python -m MODULE` (the same entry points as the console scripts, which an editable
@@ -54,9 +54,9 @@ TOOLS = {
 STAGES = (
     "data",
     "plan",
-    "mtl",
     "specialists",
     "teacher",
+    "mtl",
     "kd",
     "lorkd",
     "fuse",
@@ -158,14 +158,17 @@ class Demo:
     processes: int = 1
     kd_weight: float | None = None
     kd_temperature: float | None = None
+    seed: int = 0
     out: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
         self.work = self.work.resolve()
         self.raw = self.work / "nnUNet_raw"
         self.preprocessed = self.work / "nnUNet_preprocessed"
-        self.results = self.work / "nnUNet_results"
-        self.run_dir = self.work / self.preset.name
+        # seed 0 keeps the single-run layout; every further seed trains its own models beside it (data, plans
+        # and preprocessed data are shared: only what a seed changes is repeated)
+        self.results = self.work / ("nnUNet_results" if self.seed == 0 else f"nnUNet_results_seed{self.seed}")
+        self.run_dir = self.work / (self.preset.name if self.seed == 0 else f"{self.preset.name}_seed{self.seed}")
         self.logs = self.run_dir / "logs"
         self.predictions = self.run_dir / "predictions"
         self.report_dir = self.run_dir / "report"
@@ -180,9 +183,9 @@ class Demo:
         weights = {
             "data": 0.1,
             "plan": 1.5,
-            "mtl": 1.0,
             "specialists": 0.65 * n,
             "teacher": 0.85 * self.preset.teacher_epochs / self.preset.epochs,
+            "mtl": 1.0,
             "kd": 0.3 if self.preset.kd_mode == "cached" else 0.1,
             "lorkd": 1.6,
             "fuse": 0.1,
@@ -202,6 +205,7 @@ class Demo:
             nnUNet_results=str(self.results),
             nnUNet_def_n_proc=str(self.processes),
         )
+        env[SEED_VARIABLE] = str(self.seed)
         if training and self.preset.device == "cpu":  # (0 would break the planner: training commands only)
             env["nnUNet_n_proc_DA"] = "0"
         elif not training and env.get("nnUNet_n_proc_DA") == "0":
@@ -270,9 +274,17 @@ class Demo:
             not self.preset.final_validation or (folder / "validation" / "summary.json").is_file()
         )
 
-    def _train(self, dataset: str, base: str, label: str, fraction: tuple[float, float] = (0.0, 1.0)) -> None:
+    def _train(
+        self,
+        dataset: str,
+        base: str,
+        label: str,
+        fraction: tuple[float, float] = (0.0, 1.0),
+        pretrained: Path | None = None,
+    ) -> None:
         """nnUNetv2_train with progress per epoch; resumes from checkpoint_latest; re-runs only the final
-        validation when training finished but validation did not."""
+        validation when training finished but validation did not. ``pretrained``: a checkpoint the model starts
+        from (nnU-Net's ``-pretrained_weights``; only for a fresh start, as nnU-Net allows)."""
         folder = self.model_folder(dataset, base) / f"fold_{FOLD}"
         if self.trained(dataset, base):
             self.progress.step(f"{label}: already trained", fraction[1])
@@ -285,6 +297,11 @@ class Demo:
         elif (folder / "checkpoint_latest.pth").is_file():
             args.append("--c")
             self.progress.step(f"{label}: resuming from checkpoint_latest.pth")
+        elif pretrained is not None:
+            if not pretrained.is_file():
+                raise DemoError(f"{label} starts from {pretrained}, which does not exist; run the stage that makes it")
+            args += ["-pretrained_weights", str(pretrained)]
+            self.progress.step(f"{label}: starts from {pretrained}")
         epochs = self.preset.teacher_epochs if base == "nnUNetTrainerSATStyle" else self.preset.epochs
         lo, hi = fraction
 
@@ -417,11 +434,17 @@ class Demo:
             if not target.is_file() or json.loads(target.read_text()) != raw_splits:
                 target.write_text(json.dumps(raw_splits, indent=2) + "\n")
 
+    def teacher_checkpoint(self) -> Path:
+        return self.model_folder(self.merged, "nnUNetTrainerSATStyle") / f"fold_{FOLD}" / "checkpoint_final.pth"
+
     def stage_train(self, stage: str, base: str, label: str) -> bool:
         if self.trained(self.merged, base):
             return False
         self.progress.begin(stage, f"{label} on {self.merged}")
-        self._train(self.merged, base, label)
+        # LoRKD decomposes a trained foundation model: the students (and, for a like-for-like baseline, the MTL
+        # model) start from the teacher's backbone; the experts start at zero
+        from_teacher = self.preset.students_from_teacher and stage in ("lorkd", "mtl")
+        self._train(self.merged, base, label, pretrained=self.teacher_checkpoint() if from_teacher else None)
         self.progress.finish(stage)
         return True
 
@@ -443,7 +466,13 @@ class Demo:
         marker = self.state / "kd.json"
         teacher = self.model_folder(self.merged, "nnUNetTrainerSATStyle")
         wanted = {"teacher": str(teacher), "mode": self.preset.kd_mode}
-        if lorkd.is_file() or (marker.is_file() and json.loads(marker.read_text()) == wanted):
+        from nnunetv2_lorkd.kd.config import settings_for
+
+        # the KD settings live in the preprocessed folder, which every seed and preset of this work folder shares:
+        # skip only when they still name this run's teacher
+        current = settings_for(str(self.preprocessed / self.merged), self.preset.configuration, self.preset.plans)
+        same_teacher = current is not None and Path(current.teacher.model_folder).resolve() == teacher.resolve()
+        if lorkd.is_file() or (same_teacher and marker.is_file() and json.loads(marker.read_text()) == wanted):
             return False
         self.progress.begin("kd", f"the SAT-style teacher as distillation source ({self.preset.kd_mode})")
         args = [*tool("lorkd-kd"), "set", *self._kd_args(), "--teacher", teacher, "--teacher-fold", str(FOLD),
@@ -644,9 +673,9 @@ class Demo:
         self.stage_data()
         steps: list[tuple[str, Callable[[], bool]]] = [
             ("plan", self.stage_plan),
-            ("mtl", self.stage_mtl),
             ("specialists", self.stage_specialists),
             ("teacher", lambda: self.stage_train("teacher", "nnUNetTrainerSATStyle", "SAT-style teacher")),
+            ("mtl", self.stage_mtl),
             ("kd", self.stage_kd),
             ("lorkd", lambda: self.stage_train("lorkd", "nnUNetTrainerLoRKD", "LoRKD students with KD")),
             ("fuse", self.stage_fuse),
@@ -663,8 +692,9 @@ class Demo:
 
 def write_small_plans(dataset_folder: Path, preset: Preset) -> Path:
     """``<preset.plans>.json`` from nnU-Net's ``nnUNetPlans.json``: only the preset's configuration, with the
-    features per stage halved and capped, the batch size capped and the patch size capped (rounded down to a
-    multiple of the network's total downsampling per axis): the CPU presets' small network."""
+    features per stage divided (by ``feature_divisor``) and capped, the batch size capped and the patch size
+    capped (rounded down to a multiple of the network's total downsampling per axis): the CPU presets' small
+    network."""
     small = preset.small_network
     assert small is not None
     plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
@@ -672,7 +702,9 @@ def write_small_plans(dataset_folder: Path, preset: Preset) -> Path:
     if "inherits_from" in configuration:
         raise DemoError(f"{preset.configuration} inherits from another configuration; use 2d or 3d_fullres")
     kwargs = configuration["architecture"]["arch_kwargs"]
-    kwargs["features_per_stage"] = [max(8, min(f // 2, small.max_features)) for f in kwargs["features_per_stage"]]
+    kwargs["features_per_stage"] = [
+        max(8, min(f // small.feature_divisor, small.max_features)) for f in kwargs["features_per_stage"]
+    ]
     configuration["batch_size"] = min(configuration["batch_size"], small.max_batch)
     downsampling = [1] * len(configuration["patch_size"])
     for stride in kwargs["strides"]:
@@ -697,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         "fused region experts -> test-set Dice/NSD against the teacher, an MTL baseline and per-region "
         "nnU-Net specialists, with a report. TotalSegmentator labels are that model's predictions.",
     )
-    parser.add_argument("--preset", default="cpu", help="cpu (smoke run, <= 25 min on 2 cores), gpu (the benchmark) "
+    parser.add_argument("--preset", default="cpu", help="cpu (2d, <= 25 min on 2 cores), gpu (the benchmark) "
                         "or tiny (CI)")  # fmt: skip
     parser.add_argument(
         "--work", default="lorkd_work", help="work folder for every nnU-Net path (default ./lorkd_work)"
@@ -709,28 +741,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kd-weight", type=float, default=None, help="lambda of the KD loss (default: lorkd-kd's)")
     parser.add_argument("--kd-temperature", type=float, default=None, help="KD temperature (default: lorkd-kd's)")
     parser.add_argument("--redo", choices=STAGES, default=None, help="recompute this stage and all later ones")
+    parser.add_argument("--seeds", type=int, default=1, help="train every model N times, with seeds 0..N-1, and "
+                        "report mean and spread (seeds.md); seed 0 is the single run's layout")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
         preset = get_preset(args.preset)
     except ValueError as error:
         parser.error(str(error))
     processes = args.np or (1 if preset.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2)))
-    demo = Demo(
-        preset,
-        Path(args.work),
-        tuple(args.regions or preset.regions),
-        base_id=args.base_id,
-        cache_dir=args.cache_dir,
-        processes=processes,
-        kd_weight=args.kd_weight,
-        kd_temperature=args.kd_temperature,
-    )
+    demos = [
+        Demo(
+            preset,
+            Path(args.work),
+            tuple(args.regions or preset.regions),
+            base_id=args.base_id,
+            cache_dir=args.cache_dir,
+            processes=processes,
+            kd_weight=args.kd_weight,
+            kd_temperature=args.kd_temperature,
+            seed=seed,
+        )
+        for seed in range(args.seeds)
+    ]
     # a terminated demo stops the command it is running too (the `finally` in Demo.run), as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        if args.redo:
-            demo.redo(args.redo)
-        demo.run_all()
+        for demo in demos:
+            if args.seeds > 1:
+                print(f"[lorkd-demo] seed {demo.seed} of 0..{args.seeds - 1}: models in {demo.results}")
+            if args.redo:
+                demo.redo(args.redo)
+            demo.run_all()
+        if args.seeds > 1:
+            from .seeds import write_seeds_report
+
+            path = write_seeds_report(
+                {d.seed: d.run_dir / "metrics.json" for d in demos},
+                demos[0].report_dir,
+                f"LoRKD demo, preset `{preset.name}`",
+            )
+            print(f"[lorkd-demo] mean and spread over {args.seeds} seeds: {path}")
     except DemoError as error:
         print(f"lorkd-demo: error: {error}", file=sys.stderr)
         return 2
