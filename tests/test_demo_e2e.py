@@ -72,6 +72,8 @@ def test_tiny_preset_end_to_end_then_resume(tmp_path: Path) -> None:
     assert all(len(c["values"]) == 1 for per_region in metrics["curves"].values() for c in per_region.values())
     train_logs = {p.name: p.read_text() for p in (run / "logs").glob("train_*.log")}
     assert all("lorkd-demo: seed 0" in text for text in train_logs.values()), list(train_logs)
+    # left and right organs are different classes: no mirroring in any model's training
+    assert all("no mirroring (left/right classes), rotation up to 15 degrees" in t for t in train_logs.values())
     # the students and the MTL baseline start from the teacher's backbone
     assert "-pretrained_weights" in train_logs["train_nnUNetTrainerLoRKD_Dataset700_LoRKDMerged.log"]
     assert "-pretrained_weights" in train_logs["train_nnUNetTrainerMTL_Dataset700_LoRKDMerged.log"]

@@ -155,6 +155,7 @@ def test_learning_curve_end_and_report_section(tmp_path: Path) -> None:
     flat = curve_end([0.0, 0.2, 0.5, 0.8, 0.81, 0.8, 0.82, 0.8, 0.81, 0.82])
     assert flat["state"] == "flat" and flat["final"] == pytest.approx(0.815)
     assert curve_end([0.5, None, 0.6])["state"] == "too short to judge"
+    assert curve_end([0.0, 0.01, 0.0, 0.02, 0.01, 0.0, 0.01, 0.0, 0.02, 0.01])["state"] == "not learning yet"
     metrics = fake_metrics()
     values = [0.1 * i for i in range(10)]
     metrics["curves"] = {
@@ -239,8 +240,9 @@ def test_presets_and_demo_trainer_variants() -> None:
             cls = getattr(demo, preset.trainer(base))
             assert cls.__name__ in demo.__all__ and cls.__module__ == "nnunetv2_lorkd_trainers.demo"
     assert issubclass(demo.nnUNetTrainerLoRKD_demoCPU, nnUNetTrainerLoRKD)
-    assert "64 epochs" in demo.nnUNetTrainerSATStyle_demoCPU.__doc__  # the teacher trains longer
-    assert "12 epochs" in demo.nnUNetTrainerMTL_demoCPU.__doc__
+    assert "24 epochs" in demo.nnUNetTrainerSATStyle_demoCPU.__doc__  # the teacher trains longer
+    assert "16 epochs" in demo.nnUNetTrainerMTL_demoCPU.__doc__
+    assert "no mirroring" in demo.nnUNetTrainerMTL_demoCPU.__doc__
     assert get_preset("cpu").configuration == "2d" and get_preset("gpu").configuration == "3d_fullres"
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("fast")
@@ -274,9 +276,10 @@ def test_small_plans_for_the_cpu_preset(tmp_path: Path) -> None:
     assert target.name == "nnUNetPlansDemoCPU.json" and small["plans_name"] == "nnUNetPlansDemoCPU"
     assert list(small["configurations"]) == ["2d"]
     config = small["configurations"]["2d"]
-    assert config["architecture"]["arch_kwargs"]["features_per_stage"] == [16, 32, 64, 64, 64]
+    # a quarter of nnU-Net's features, capped at 128
+    assert config["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64, 128]
     assert config["batch_size"] == 4 and config["data_identifier"] == "nnUNetPlansDemoCPU_2d"
-    assert config["patch_size"] == [64, 64]  # downsampling 16 x 8: 64 is a multiple of both
+    assert config["patch_size"] == [112, 128]  # the whole slice: below the 128 cap, multiples of 16 and 8
 
 
 def test_progress_estimates_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,3 +339,30 @@ def test_demo_environment_keeps_zero_da_workers_away_from_the_planner(tmp_path, 
     assert demo.env()["nnUNet_raw"] == str(tmp_path.resolve() / "nnUNet_raw")
     monkeypatch.setenv("nnUNet_n_proc_DA", "3")
     assert demo.env()["nnUNet_n_proc_DA"] == "3"  # any other value is the user's choice
+
+
+def test_kd_stage_resets_the_teacher_another_seed_left_in_the_shared_preprocessed_folder(tmp_path: Path) -> None:
+    """Every seed shares nnUNet_preprocessed (and so lorkd_kd.json): a seed's KD stage is skipped only while the
+    settings still name that seed's own teacher."""
+    from nnunetv2_lorkd.demo.run import Demo
+    from nnunetv2_lorkd.kd.config import KDSettings, TeacherRef, write_settings
+
+    demos = [Demo(preset=PRESETS["cpu"], work=tmp_path, regions=("abdomen",), out=lambda _: None, seed=s)
+             for s in (0, 1)]  # fmt: skip
+    assert demos[0].results != demos[1].results and demos[0].run_dir != demos[1].run_dir
+    assert demos[1].env()["LORKD_DEMO_SEED"] == "1"
+    calls: list[list[str]] = []
+    folder = tmp_path / "nnUNet_preprocessed" / demos[0].merged
+    folder.mkdir(parents=True)
+
+    def fake_run(name, args, watch=None, training=False, demo=None):
+        calls.append([str(a) for a in args])
+        teacher = str(demo.model_folder(demo.merged, "nnUNetTrainerSATStyle"))
+        write_settings(str(folder), "2d", KDSettings(plans=demo.preset.plans, teacher=TeacherRef(teacher)))
+
+    for demo in demos:
+        demo.run = lambda name, args, watch=None, training=False, demo=demo: fake_run(name, args, watch, training, demo)
+    assert demos[0].stage_kd() is True and len(calls) == 1
+    assert demos[0].stage_kd() is False  # its own teacher is still set: skipped
+    assert demos[1].stage_kd() is True and str(demos[1].results) in " ".join(calls[-1])
+    assert demos[0].stage_kd() is True and str(demos[0].results) in " ".join(calls[-1])  # seed 1's teacher replaced

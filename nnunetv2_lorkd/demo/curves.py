@@ -7,7 +7,8 @@ tuning on the test parts. Per model and region the curve is the per-epoch mean p
 classes (the specialists: over their own classes; the multi-region models log it per region).
 
 The end of a curve is called "still rising" when the mean of its last fifth of epochs is more than
-``RISING_MARGIN`` above the mean of the fifth before; otherwise "flat".
+``RISING_MARGIN`` above the mean of the fifth before, "not learning yet" when that mean is below
+``LEARNING_FLOOR`` (a model that predicts background everywhere is flat too, but not done), otherwise "flat".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 REGION_DICE_KEY = "lorkd_region_dice"  # what nnUNetTrainerLoRKD / MTL / SATStyle log per epoch and region
 RISING_MARGIN = 0.02
+LEARNING_FLOOR = 0.05
 
 
 def _finite_mean(values: list[float]) -> float | None:
@@ -50,7 +52,13 @@ def curve_end(curve: list[float | None]) -> dict:
     k = max(1, len(values) // 5)
     last, before = float(np.mean(values[-k:])), float(np.mean(values[-2 * k : -k]))
     change = last - before
-    return {"final": last, "change": change, "state": "still rising" if change > RISING_MARGIN else "flat"}
+    if change > RISING_MARGIN:
+        state = "still rising"
+    elif last < LEARNING_FLOOR:
+        state = "not learning yet"
+    else:
+        state = "flat"
+    return {"final": last, "change": change, "state": state}
 
 
 def plot_curves(curves: dict[str, dict[str, list[float | None]]], iterations_per_epoch: dict[str, int],

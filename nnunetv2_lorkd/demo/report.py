@@ -170,14 +170,14 @@ def verdict_lines(result: dict, spread: dict | None = None) -> list[str]:
 
 def curve_lines(curves: dict, names: dict[str, str], chart: str | None) -> list[str]:
     """Where each model's learning curve stands at the end (pseudo-Dice on the training-fit validation case)."""
-    from .curves import RISING_MARGIN
+    from .curves import LEARNING_FLOOR, RISING_MARGIN
 
     lines = ["## Learning curves", ""]
     lines.append(
         "nnU-Net's per-epoch pseudo-Dice on the validation case, which in this demo is a training case (the test "
         "parts are never looked at during training): it says whether a model has finished fitting its training "
         f"data. 'still rising': the last fifth of the epochs averages more than {100 * RISING_MARGIN:g} points above "
-        "the fifth before."
+        f"the fifth before; 'not learning yet': it averages below {100 * LEARNING_FLOOR:g}."
     )
     lines.append("")
     if chart:

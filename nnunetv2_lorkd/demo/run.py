@@ -178,22 +178,22 @@ class Demo:
             r: region_dataset_name(self.base_id, i, r) for i, r in enumerate(self.regions)
         }  # lorkd-data numbers regions by their position in --regions
         n = len(self.regions)
-        # relative stage costs, from a cpu-preset run on 2 cores (MTL training = 1); the estimate rescales them
-        # with the measured speed as the run goes
+        # relative stage costs, from the cpu-preset run of docs/demo.md on 2 cores (MTL training = 1, 174 s); the
+        # estimate rescales them with the measured speed as the run goes
         weights = {
-            "data": 0.1,
-            "plan": 1.5,
-            "specialists": 0.65 * n,
-            "teacher": 0.85 * self.preset.teacher_epochs / self.preset.epochs,
+            "data": 0.03,
+            "plan": 0.6,
+            "specialists": 0.5 * n,
+            "teacher": 1.2 * self.preset.teacher_epochs / self.preset.epochs,
             "mtl": 1.0,
-            "kd": 0.3 if self.preset.kd_mode == "cached" else 0.1,
-            "lorkd": 1.6,
-            "fuse": 0.1,
-            "predict": 0.5 * n + 0.5,
-            "evaluate": 0.05,
-            "report": 0.05,
+            "kd": 0.3 if self.preset.kd_mode == "cached" else 0.05,
+            "lorkd": 1.85,
+            "fuse": 0.05,
+            "predict": 0.15 * n + 0.3,
+            "evaluate": 0.02,
+            "report": 0.02,
         }
-        prior = {"cpu": 66.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
+        prior = {"cpu": 174.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
         self.progress = Progress(weights, prior, out=self.out)
 
     # ------------------------------------------------------------------------------------------ helpers
