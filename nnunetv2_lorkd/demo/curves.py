@@ -14,7 +14,6 @@ The end of a curve is called "still rising" when the mean of its last fifth of e
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +68,8 @@ def plot_curves(curves: dict[str, dict[str, list[float | None]]], iterations_per
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     regions = sorted({r for per_method in curves.values() for r in per_method})
     fig, axes = plt.subplots(1, len(regions), figsize=(3.6 * len(regions), 3.2), squeeze=False)
     for ax, region in zip(axes[0], regions, strict=True):
@@ -86,9 +87,4 @@ def plot_curves(curves: dict[str, dict[str, list[float | None]]], iterations_per
     axes[0][0].set_ylabel("pseudo-Dice (training fit)", fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -114,9 +114,16 @@ def bar_chart(region: str, data: dict, names: dict[str, str], path: Path, smoke:
     title = f"{region}: Dice per class on the test parts"
     ax.set_title(title + (" (SMOKE RUN)" if smoke else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG through a temporary file and close it: no half-written chart."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path
