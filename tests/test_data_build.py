@@ -239,7 +239,9 @@ def test_build_on_a_synthetic_stand_in(tmp_path: Path, monkeypatch: pytest.Monke
     assert info["classes"] == ["organ", "vessel"] and "top" in info["dropped_classes"]
     assert json.loads((upper / "dataset.json").read_text())["labels"] == {"background": 0, "organ": 1, "vessel": 2}
     splits = json.loads((upper / "splits_final.json").read_text())
-    assert splits == [{"train": info["train_cases"], "val": info["train_cases"][:1]}]
+    assert splits == [{"train": info["train_cases"], "val": info["validation_case"]}]
+    train_info = [c for c in info["cases"] if c["split"] == "train"]
+    assert info["validation_case"] == [build_module.validation_case(train_info)]
     # read back every written case: test parts never overlap or touch a training part of the same scan
     extents = {
         (split, p.name): _z_extent(p)
@@ -336,3 +338,17 @@ def test_build_the_real_brain_region_when_apt_is_available(tmp_path: Path) -> No
     assert manifest["channel_name"] == "zscore"  # CT and MR together: per-image z-score for every input
     info = json.loads((tmp_path / "raw" / manifest["datasets"]["brain"] / "lorkd_data.json").read_text())
     assert {"frontal_lobe", "cerebellum", "thalamus", "caudate"} <= set(info["classes"])
+
+
+def test_the_validation_case_is_the_training_case_with_the_most_classes() -> None:
+    # the chest CT's lowest slab: almost no lung; the monitor must be a slab that shows the region's classes
+    cases = [
+        {"case": "t00", "class_voxels": {"ribs": 308, "lumbar_spine": 2076, "lung_left": 19}},
+        {"case": "t01", "class_voxels": {"ribs": 1915, "spine": 1402, "lung_right": 13020, "lung_left": 11546}},
+        {"case": "t02", "class_voxels": {"ribs": 3536, "spine": 167, "lung_right": 6464, "lung_left": 5401}},
+    ]
+    assert build_module.validation_case(cases) == "t01"
+    # a tie on the number of classes goes to the most labelled voxels, then to the earlier case
+    a, b = {"case": "a", "class_voxels": {"x": 5}}, {"case": "b", "class_voxels": {"y": 9}}
+    assert build_module.validation_case([a, b]) == "b"
+    assert build_module.validation_case([{**a, "class_voxels": {"x": 9}}, b]) == "a"

@@ -244,6 +244,15 @@ def test_presets_and_demo_trainer_variants() -> None:
     assert "16 epochs" in demo.nnUNetTrainerMTL_demoCPU.__doc__
     assert "no mirroring" in demo.nnUNetTrainerMTL_demoCPU.__doc__
     assert get_preset("cpu").configuration == "2d" and get_preset("gpu").configuration == "3d_fullres"
+    # the longer cpu preset is the cpu preset with 3x the schedule: same plans, network, data and augmentation
+    cpu, full = get_preset("cpu"), get_preset("cpu-full")
+    assert (full.epochs, full.teacher_epochs) == (3 * cpu.epochs, 3 * cpu.teacher_epochs)
+    assert "48 epochs" in demo.nnUNetTrainerLoRKD_demoCPUFull.__doc__
+    # presets that share a plans file write the same small network into it (they would overwrite each other)
+    by_plans: dict = {}
+    for preset in PRESETS.values():
+        by_plans.setdefault(preset.plans, set()).add((preset.configuration, preset.small_network))
+    assert all(len(networks) == 1 for networks in by_plans.values()), by_plans
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("fast")
     with pytest.raises(ValueError, match="no demo variant"):

@@ -7,8 +7,9 @@ raw dataset ``DatasetXXX_LoRKD<Region>``:
 
 - ``imagesTr``/``labelsTr``: the training cases; ``imagesTs``/``labelsTs``: the test cases (never trained on);
 - ``dataset.json`` (labels 1..K in the region's class order), ``splits_final.json`` with one fold (fold 0:
-  all training cases train; nnU-Net's validation case is the region's first training case, so it only
-  monitors the training fit: the demo uses ``checkpoint_final`` and scores on the test cases only);
+  all training cases train; nnU-Net's validation case is the region's training case with the most classes
+  (:func:`validation_case`), so it only monitors the training fit: the demo uses ``checkpoint_final`` and
+  scores on the test cases only);
 - ``lorkd_data.json``: provenance (sources, sha256, label caveats), the classes kept and dropped, the slabs
   with their physical z extents, and the voxel counts per class and split.
 
@@ -166,6 +167,7 @@ def build_region(
         )
     train_cases = [c for c, s, _ in cases if s == "train"]
     test_cases = [c for c, s, _ in cases if s == "test"]
+    monitor = validation_case([c for c in case_info if c["split"] == "train"])
     dataset_json = {
         "channel_names": {"0": channel_name},
         "labels": {"background": 0, **{name: i for i, name in enumerate(info["kept"], start=1)}},
@@ -176,7 +178,7 @@ def build_region(
         "licence": spec.archive.description,
     }
     _dump(dataset_json, target / "dataset.json")
-    _dump([{"train": train_cases, "val": train_cases[:1]}], target / "splits_final.json")
+    _dump([{"train": train_cases, "val": [monitor]}], target / "splits_final.json")
     region_info = {
         "region": spec.name,
         "dataset": target.name,
@@ -194,11 +196,22 @@ def build_region(
         "class_voxels": info["class_voxels"],
         "train_cases": train_cases,
         "test_cases": test_cases,
-        "validation_case": train_cases[:1],
+        "validation_case": [monitor],
         "cases": case_info,
     }
     _dump(region_info, target / "lorkd_data.json")
     return region_info, parts
+
+
+def validation_case(train_case_info: Sequence[dict]) -> str:
+    """The training case that nnU-Net's per-epoch pseudo-Dice is measured on: the one with the most classes
+    (then the most labelled voxels). The first slab of a region may hold almost none of its classes (the chest
+    CT's lowest slab has no right lung), and a curve over absent classes says nothing about the fit."""
+    best = max(
+        train_case_info,
+        key=lambda c: (len(c["class_voxels"]), sum(c["class_voxels"].values()), -train_case_info.index(c)),
+    )
+    return best["case"]
 
 
 def _options(regions: Sequence[str], spacing: float, base_id: int, max_case_mm: float, min_voxels: int) -> dict:
@@ -341,7 +354,7 @@ def build_datasets(
             "method": "z-slabs per region (a layout in mm per region, nnunetv2_lorkd/data/scans.py) with a gap of at "
             "least one slice between every test part and every training part of the same scan; training slabs longer "
             f"than {max_case_mm:g} mm are cut into consecutive non-overlapping cases; fold 0 trains on all training "
-            "cases (its validation case is the first training case: a training-fit monitor only)",
+            "cases (its validation case is the training case with the most classes: a training-fit monitor only)",
             "parts": [asdict(p) for p in parts],
         },
     }

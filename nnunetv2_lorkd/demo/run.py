@@ -193,7 +193,7 @@ class Demo:
             "evaluate": 0.02,
             "report": 0.02,
         }
-        prior = {"cpu": 174.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
+        prior = {"cpu": 174.0, "cpu-full": 522.0, "tiny": 40.0, "gpu": 1500.0}.get(self.preset.name, 100.0)
         self.progress = Progress(weights, prior, out=self.out)
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -729,8 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         "fused region experts -> test-set Dice/NSD against the teacher, an MTL baseline and per-region "
         "nnU-Net specialists, with a report. TotalSegmentator labels are that model's predictions.",
     )
-    parser.add_argument("--preset", default="cpu", help="cpu (2d, <= 25 min on 2 cores), gpu (the benchmark) "
-                        "or tiny (CI)")  # fmt: skip
+    parser.add_argument("--preset", default="cpu", help="cpu (2d, <= 25 min on 2 cores), cpu-full (the same "
+                        "with 3x the schedule, about 1 h), gpu (the benchmark) or tiny (CI)")  # fmt: skip
     parser.add_argument(
         "--work", default="lorkd_work", help="work folder for every nnU-Net path (default ./lorkd_work)"
     )
