@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nnunetv2_lorkd.experts import fuse_expert, route
+from nnunetv2_lorkd.files import read_json
 from nnunetv2_lorkd.nnunet.config import PLANS_KEY, ExpertConfig
 from nnunetv2_lorkd.regions import RegionMap, RegionMapError, region_labels_for_dataset_json
 
@@ -94,16 +95,6 @@ def load_checkpoint(path: str) -> dict:
         ) from error
 
 
-def _load_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FuseError(f"{path} is missing; is this an nnU-Net model folder?") from None
-    except json.JSONDecodeError as error:
-        raise FuseError(f"{path} is not valid JSON ({error})") from None
-
-
 @dataclass
 class LoRKDModel:
     """A trained LoRKD model folder, loaded and validated."""
@@ -116,8 +107,9 @@ class LoRKDModel:
 
     @classmethod
     def open(cls, folder: str, first_checkpoint: dict) -> LoRKDModel:
-        plans = _load_json(os.path.join(folder, "plans.json"))
-        dataset_json = _load_json(os.path.join(folder, "dataset.json"))
+        hint = "is this an nnU-Net model folder?"
+        plans = read_json(os.path.join(folder, "plans.json"), FuseError, missing_hint=hint)
+        dataset_json = read_json(os.path.join(folder, "dataset.json"), FuseError, missing_hint=hint)
         configuration = first_checkpoint.get("init_args", {}).get("configuration")
         if configuration not in plans.get("configurations", {}):
             raise FuseError(f"the checkpoint's configuration {configuration!r} is not in {folder}/plans.json")

@@ -52,7 +52,8 @@ class RegionMap:
         if section is None:
             raise RegionMapError(
                 f"{source} has no 'lorkd' section, so there is no region for any case. Build the dataset "
-                "with `lorkd-merge` (or add the section by hand, see docs/regions.md)."
+                "with `lorkd-merge`, or add the section by hand: its format is in the docstring of the "
+                "nnunetv2_lorkd.regions module, and README.md ('Using it with nnU-Net') describes it."
             )
         if section.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise RegionMapError(f"{source}: lorkd.version {section.get('version')} is not supported (expected 1)")

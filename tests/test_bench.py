@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_lorkd import bench
+from nnunetv2_lorkd.benchmarks import common
+from nnunetv2_lorkd.benchmarks import experts as bench
 from nnunetv2_lorkd.experts import ExpertConv2d, ExpertConv3d, route
 
 
@@ -135,12 +136,12 @@ def test_markdown_append_and_gpu_placeholder(tmp_path):
 
 def test_no_network_verdict_off_the_defined_patch():
     """`--net-patch` other than the default still times the step but gives the U-Net target no verdict."""
-    section = bench.Section(
+    section = common.Section(
         "whole-network training step",
         "cfg",
         [
-            bench.Row(bench.PLAIN_NET, bench.Timing(100.0, 90.0, 110.0, 5)),
-            bench.Row(bench.OURS_NET, bench.Timing(105.0, 95.0, 115.0, 5)),
+            common.Row(bench.PLAIN_NET, common.Timing(100.0, 90.0, 110.0, 5)),
+            common.Row(bench.OURS_NET, common.Timing(105.0, 95.0, 115.0, 5)),
         ],
         bench.PLAIN_NET,
         bench.OURS_NET,
@@ -156,27 +157,27 @@ def test_no_network_verdict_off_the_defined_patch():
 def test_ratio_interval_pairs_the_repeats():
     """The interval resamples repeats in pairs: a slow spell that hits both variants alike does not widen it."""
     spells = [1.0, 1.3, 0.8, 1.1, 0.9, 1.25, 0.85, 1.05, 1.2, 0.95]
-    plain = bench._summarise([100.0 * f for f in spells])
-    ours = bench._summarise([105.0 * f for f in spells])
-    low, high = bench.ratio_interval(ours, plain)
+    plain = common.summarise([100.0 * f for f in spells])
+    ours = common.summarise([105.0 * f for f in spells])
+    low, high = common.ratio_interval(ours, plain)
     assert low == pytest.approx(1.05) and high == pytest.approx(1.05)
     jitter = [1.0, 1.02, 0.97, 1.04, 0.99, 1.01, 0.96, 1.03, 1.0, 0.98]
-    noisy = bench._summarise([105.0 * f * j for f, j in zip(spells, jitter, strict=True)])
-    low, high = bench.ratio_interval(noisy, plain)
+    noisy = common.summarise([105.0 * f * j for f, j in zip(spells, jitter, strict=True)])
+    low, high = common.ratio_interval(noisy, plain)
     assert low < noisy.median_ms / plain.median_ms < high and high - low < 0.1
-    assert bench.ratio_interval(bench._summarise([1.0] * 4), bench._summarise([1.0] * 4)) is None  # too few
+    assert common.ratio_interval(common.summarise([1.0] * 4), common.summarise([1.0] * 4)) is None  # too few
 
 
 def test_targets_carry_their_interval():
     """Each target line and the markdown table show the 90% interval, and say when it holds the limit."""
     spells = [1.0, 1.3, 0.8, 1.1, 0.9, 1.25, 0.85, 1.05, 1.2, 0.95]
     jitter = [1.0, 1.06, 0.93, 1.08, 0.97, 1.03, 0.92, 1.05, 1.0, 0.94]
-    section = bench.Section(
+    section = common.Section(
         "whole-network training step",
         "cfg",
         [
-            bench.Row(bench.PLAIN_NET, bench._summarise([100.0 * f for f in spells])),
-            bench.Row(bench.OURS_NET, bench._summarise([109.0 * f * j for f, j in zip(spells, jitter, strict=True)])),
+            common.Row(bench.PLAIN_NET, common.summarise([100.0 * f for f in spells])),
+            common.Row(bench.OURS_NET, common.summarise([109.0 * f * j for f, j in zip(spells, jitter, strict=True)])),
         ],
         bench.PLAIN_NET,
         bench.OURS_NET,
@@ -185,7 +186,14 @@ def test_targets_carry_their_interval():
     low, high = target.interval
     assert low <= target.value <= high and low < target.limit < high
     assert target.interval_text().endswith("(holds the limit)") and "90% CI" in target.line()
-    md = bench.markdown_section([section], [target], torch.device("cpu"), "m", "s", "c")
+    md = common.markdown_section([section], [target], torch.device("cpu"), "m", "s", "c")
     assert "| target | measured | 90% CI | limit | result |" in md and "(holds the limit)" in md
     fixed = dataclasses.replace(target, interval=(1.02, 1.06))
     assert fixed.interval_text() == "1.020-1.060"
+
+
+def test_cpu_load_of_others_is_a_share_of_the_cores():
+    """lorkd-bench-nnunet measures the load just before its timing without its own process (exclude_self)."""
+    for exclude_self in (False, True):
+        share = common.cpu_busy_fraction(window_s=0.05, exclude_self=exclude_self)
+        assert share is None or 0.0 <= share <= 1.0

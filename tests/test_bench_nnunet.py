@@ -17,8 +17,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_lorkd import bench, bench_nnunet
-from nnunetv2_lorkd.bench import Row, Section, Timing
+from nnunetv2_lorkd.benchmarks import experts as bench
+from nnunetv2_lorkd.benchmarks import nnunet as bench_nnunet
+from nnunetv2_lorkd.benchmarks.common import Row, Section, Timing
 
 
 def _section(reference: str, ours: str, ref_ms: float, ours_ms: float) -> Section:
@@ -114,7 +115,7 @@ _TARGET = re.compile(r"^  (.+?): ([0-9.]+)x \(target (<=|>=) ([0-9.]+)x\)\s+(.*)
 
 def _bench(args: list[str], cwd: Path, env: dict) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "nnunetv2_lorkd.bench_nnunet", *args],
+        [sys.executable, "-m", "nnunetv2_lorkd.benchmarks.nnunet", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

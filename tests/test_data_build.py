@@ -18,13 +18,13 @@ import SimpleITK as sitk
 from nnunetv2_lorkd.data import build as build_module
 from nnunetv2_lorkd.data.build import DataBuildError, build_datasets
 from nnunetv2_lorkd.data.scans import REGIONS, RegionSpec
+from nnunetv2_lorkd.data.slabs import Part, Slab, SplitError, check_disjoint, cut_case_slabs, slab_plan
 from nnunetv2_lorkd.data.sources import (
     Archive,
     SourceError,
     SourceUnavailableError,
     fetch_archive_files,
 )
-from nnunetv2_lorkd.data.split import Part, Slab, SplitError, check_disjoint, cut_case_slabs, slab_plan
 from nnunetv2_lorkd.data.volumes import LabelledVolume, VolumeError, onto_grid, resample
 from nnunetv2_lorkd.regions import RegionMap
 

@@ -16,6 +16,7 @@ from nnunetv2_lorkd.experts import (
     ExpertLayer,
     RoutingError,
     backbone_only,
+    kernels,
     route,
 )
 
@@ -37,7 +38,7 @@ EXPERT_CLASS = {nn.Conv2d: ExpertConv2d, nn.Conv3d: ExpertConv3d}
 def expert_path(request, monkeypatch):
     """Run a test once with per-region weights W0 + s*dW_t and once with conv(x, W0) + s*B_t(A_t(x))."""
     activation = request.param == "activation-side"
-    monkeypatch.setattr(ExpertLayer, "_activation_side_is_cheaper", lambda self, x, regions: activation)
+    monkeypatch.setattr(kernels, "activation_side_is_cheaper", lambda *args: activation)
     return request.param
 
 
@@ -63,6 +64,19 @@ def _reference(layer, x, ids):
             else F.conv3d(x[b : b + 1], layer.weight + delta, layer.bias, layer.stride, layer.padding, layer.dilation)
         )
     return torch.cat(outs)
+
+
+def _grouped(layer: ExpertLayer, x: torch.Tensor, sizes: tuple[int, ...]) -> bool:
+    return layer._grouped_path and kernels.grouped_conv_is_faster(x, sizes, layer.weight.shape, layer.geometry)
+
+
+def _direct_onednn(layer: ExpertLayer, x: torch.Tensor) -> bool:
+    return kernels.one_sample_conv_needs_onednn(x, layer.geometry)
+
+
+def _activation_side(layer: ExpertLayer, x: torch.Tensor, regions: tuple[int, ...]) -> bool:
+    cheaper = kernels.activation_side_is_cheaper(x, layer.weight.shape, layer.geometry, len(regions))
+    return layer._activation_path and cheaper
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}-k{c[3]}-s{c[4]}-bias{c[7]}")
@@ -165,8 +179,11 @@ def test_transposed_conv_experts():
         w = layer.weight + layer.get_delta_weight(t)
         ref = F.conv_transpose3d(x[b : b + 1], w, None, layer.stride)
         assert (y[b : b + 1] - ref).abs().max() <= 1e-10
-    plain = layer.to_plain(1)
-    assert type(plain) is nn.ConvTranspose3d
+    with pytest.raises(RoutingError, match="not merged"):
+        layer.to_plain()
+    layer.merge(1)
+    plain = layer.to_plain()
+    assert type(plain) is nn.ConvTranspose3d and layer.merged_region is None
     assert (plain(x[:1]) - y[:1]).abs().max() <= 1e-10
 
 
@@ -213,17 +230,17 @@ def test_cpu_onednn_path_for_one_sample_groups(cin, stride, ids, bias, monkeypat
             b.normal_(0, 0.3)
     layer.train()
     x = torch.randn(len(ids), cin, 8, 8, 8, requires_grad=True)
-    assert layer._one_sample_conv_needs_onednn(x[:1])
-    assert not layer._one_sample_conv_needs_onednn(x[:2])  # two samples: ATen already picks oneDNN
-    assert not layer._one_sample_conv_needs_onednn(x[:1].double())
-    assert not layer._one_sample_conv_needs_onednn(torch.empty(1, cin, 3, 3, 3))  # tiny maps: native is faster
-    assert not layer._one_sample_conv_needs_onednn(torch.empty(1, 32, 32, 32, 32))  # above ATen's 20480 rule
+    assert _direct_onednn(layer, x[:1])
+    assert not _direct_onednn(layer, x[:2])  # two samples: ATen already picks oneDNN
+    assert not _direct_onednn(layer, x[:1].double())
+    assert not _direct_onednn(layer, torch.empty(1, cin, 3, 3, 3))  # tiny maps: native is faster
+    assert not _direct_onednn(layer, torch.empty(1, 32, 32, 32, 32))  # above ATen's 20480 rule
     with monkeypatch.context() as off:  # the user switched oneDNN off: ATen's choice stands
         off.setattr(torch.backends.mkldnn, "enabled", False)
-        assert not layer._one_sample_conv_needs_onednn(x[:1])
+        assert not _direct_onednn(layer, x[:1])
     assert torch.backends.mkldnn.enabled
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs ATen's conv in bfloat16: keep it
-        assert not layer._one_sample_conv_needs_onednn(x[:1])
+        assert not _direct_onednn(layer, x[:1])
         with route(layer, ids):
             assert layer(x.detach()).dtype == torch.bfloat16
     calls = []
@@ -283,18 +300,18 @@ def test_cpu_grouped_path_for_one_sample_per_region():
             b.normal_(0, 0.3)
     layer.train()
     x = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
-    assert layer._grouped_conv_is_faster(x, (1, 1))
-    assert not layer._grouped_conv_is_faster(x.double(), (1, 1))  # fp64 and uneven groups keep the split path
-    assert not layer._grouped_conv_is_faster(torch.randn(3, 4, 6, 6, 6), (2, 1))
-    assert not layer._grouped_conv_is_faster(torch.empty(2, 4, 3, 3, 3), (1, 1))  # below 4^3: native kernel
+    assert _grouped(layer, x, (1, 1))
+    assert not _grouped(layer, x.double(), (1, 1))  # fp64 and uneven groups keep the split path
+    assert not _grouped(layer, torch.randn(3, 4, 6, 6, 6), (2, 1))
+    assert not _grouped(layer, torch.empty(2, 4, 3, 3, 3), (1, 1))  # below 4^3: native kernel
     wide = ExpertConv3d(nn.Conv3d(32, 32, 3, padding=1), (2, 2), (2.0, 2.0))
-    assert wide._grouped_conv_is_faster(torch.empty(2, 32, 32, 32, 32), (1, 1))  # oneDNN per sample, but small maps
-    assert not wide._grouped_conv_is_faster(torch.empty(2, 32, 32, 64, 64), (1, 1))  # big maps: one call per sample
+    assert _grouped(wide, torch.empty(2, 32, 32, 32, 32), (1, 1))  # oneDNN per sample, but small maps
+    assert not _grouped(wide, torch.empty(2, 32, 32, 64, 64), (1, 1))  # big maps: one call per sample
     first = ExpertConv3d(nn.Conv3d(1, 32, 3, padding=1), (2, 2), (2.0, 2.0))
-    assert not first._grouped_conv_is_faster(torch.empty(2, 1, 32, 32, 32), (1, 1))  # one input channel
+    assert not _grouped(first, torch.empty(2, 1, 32, 32, 32), (1, 1))  # one input channel
     flat = ExpertConv2d(nn.Conv2d(32, 32, 3, padding=1), (2, 2), (2.0, 2.0))
-    assert flat._grouped_conv_is_faster(torch.empty(2, 32, 16, 16), (1, 1))  # 2D: the native rule alone
-    assert not flat._grouped_conv_is_faster(torch.empty(2, 32, 32, 32), (1, 1))
+    assert _grouped(flat, torch.empty(2, 32, 16, 16), (1, 1))  # 2D: the native rule alone
+    assert not _grouped(flat, torch.empty(2, 32, 32, 32), (1, 1))
     ids = [2, 0]
     with route(layer, ids, touch_absent_experts=True):
         y = layer(x)
@@ -367,14 +384,14 @@ def test_absent_experts_touch_is_exact_zero_even_with_nonfinite_weights():
 def test_activation_side_rule_picks_the_cheaper_side():
     """Deep, tiny feature maps with many channels apply the experts to activations; big feature maps build weights."""
     deep = ExpertConv3d(nn.Conv3d(256, 256, 3, padding=1), (8, 8), (2.0, 2.0))
-    assert deep._activation_side_is_cheaper(torch.empty(2, 256, 4, 4, 4), (0, 1))  # 2*64*3 < 2*256
-    assert not deep._activation_side_is_cheaper(torch.empty(2, 256, 16, 16, 16), (0, 1))
+    assert _activation_side(deep, torch.empty(2, 256, 4, 4, 4), (0, 1))  # 2*64*3 < 2*256
+    assert not _activation_side(deep, torch.empty(2, 256, 16, 16, 16), (0, 1))
     strided = ExpertConv3d(nn.Conv3d(128, 256, 3, stride=2, padding=1), (8, 8), (2.0, 2.0))
-    assert strided._activation_side_is_cheaper(torch.empty(2, 128, 8, 8, 8), (0, 1))  # output is 4^3
+    assert _activation_side(strided, torch.empty(2, 128, 8, 8, 8), (0, 1))  # output is 4^3
     shallow = ExpertConv2d(nn.Conv2d(32, 32, 3, padding=1), (4, 4), (4.0, 4.0))
-    assert not shallow._activation_side_is_cheaper(torch.empty(64, 32, 32, 32), (0, 1))
+    assert not _activation_side(shallow, torch.empty(64, 32, 32, 32), (0, 1))
     transposed = ExpertConvTranspose3d(nn.ConvTranspose3d(256, 128, 2, stride=2), (8, 8), (2.0, 2.0))
-    assert not transposed._activation_side_is_cheaper(torch.empty(2, 256, 2, 2, 2), (0, 1))
+    assert not _activation_side(transposed, torch.empty(2, 256, 2, 2, 2), (0, 1))
 
 
 @pytest.mark.parametrize("scalings", [(2.0, 2.0, 2.0), (4.0, 1.0, 0.5)], ids=["same-scale", "per-region-scale"])

@@ -1,17 +1,23 @@
-"""Zero-config discovery after a regular (non-editable) wheel install.
+"""Zero-config discovery after a regular wheel install and after an editable install.
 
-The project is built into a wheel (from a copy of the tree, so the checkout gets no build/ or egg-info), and
-installed with --no-deps into a fresh virtual environment. That environment sees the heavy dependencies
-(torch, nnU-Net) of the running interpreter through a plain path line in a .pth file: a plain path line does
-not process that folder's own .pth files, so the running environment's editable install of this project
-stays invisible. A fresh interpreter there, with no nnUNet_extTrainer set by hand, must find our trainers
-through nnU-Net's own lookups (training and prediction), import every class exactly once from the wheel's
-files, and leave the nnunetv2 package folder untouched. Everything lives in one temporary folder that is
+The project's build backend (pyproject's [build-system]: setup.py, which wraps setuptools.build_meta) builds a
+wheel with pip, an sdist and a wheel from it, and an editable wheel, each from a copy of the tree (so the checkout
+gets no build/ or egg-info). The wheel or the editable wheel is installed with --no-deps into a fresh virtual
+environment. That environment sees the heavy dependencies (torch, nnU-Net) of the running interpreter through a
+plain path line in a .pth file: a plain path line does not process that folder's own .pth files, so the running
+environment's editable install of this project stays invisible. A fresh interpreter there, with no
+nnUNet_extTrainer set by hand, must find our trainers through nnU-Net's own lookups (training and prediction),
+import every class exactly once from the installed files (the wheel's, or the source copy's for the editable
+install), and leave the nnunetv2 package folder untouched. Everything lives in one temporary folder that is
 removed at the end.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import io
 import os
 import re
 import shutil
@@ -89,6 +95,43 @@ def _package_files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
 
+CALL_HOOK = r"""
+import importlib, os, sys
+backend_name, hook, out, *backend_path = sys.argv[1:]
+sys.path[:0] = backend_path
+backend = importlib.import_module(backend_name)
+assert any(os.path.realpath(backend.__file__).startswith(os.path.realpath(p) + os.sep) for p in backend_path)
+print("BUILT", getattr(backend, hook)(out))
+"""
+
+
+def _call_backend(src: Path, hook: str, out: Path, env: dict) -> Path:
+    """What a PEP 517/660 frontend does with --no-build-isolation: import pyproject's build-backend from its
+    backend-path and call one hook. (pip has no command that only builds an editable wheel.)"""
+    text = (src / "pyproject.toml").read_text()
+    backend = re.search(r'^build-backend\s*=\s*"([^"]+)"', text, re.M)
+    paths = re.search(r"^backend-path\s*=\s*\[([^\]]*)\]", text, re.M)
+    assert backend, "pyproject.toml names no build-backend"
+    backend_path = [str((src / p).resolve()) for p in re.findall(r'"([^"]*)"', paths.group(1) if paths else "")]
+    out.mkdir()
+    log = _run([sys.executable, "-c", CALL_HOOK, backend.group(1), hook, str(out), *backend_path], src, env)
+    (name,) = re.findall(r"^BUILT (.+)$", log, re.M)
+    return out / name
+
+
+def _check_record(wheel: Path) -> None:
+    """RECORD lists every file of the wheel with its sha256 and size (the wheel format requires it)."""
+    with zipfile.ZipFile(wheel) as zf:
+        (record,) = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+        rows = {row[0]: row[1:] for row in csv.reader(io.StringIO(zf.read(record).decode())) if row}
+        assert set(rows) == set(zf.namelist()), set(rows) ^ set(zf.namelist())
+        for name, (digest, size) in rows.items():
+            if name != record:
+                data = zf.read(name)
+                expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                assert (digest, int(size)) == (f"sha256={expected}", len(data)), (wheel.name, name)
+
+
 @pytest.fixture(scope="module")
 def build_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="lorkd-wheel-test-"))
@@ -100,59 +143,63 @@ def build_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def wheels(build_root: Path) -> dict[str, Path]:
-    """The wheel built straight from the tree (`pip wheel .`) and one built from the sdist (what
-    `python -m build` does), so a file missing from the sdist is caught as well."""
+    """The wheel built straight from the tree (`pip wheel .`), one built from the sdist (what `python -m build`
+    does), so a file missing from the sdist is caught as well, and the editable wheel (`pip install -e .`), whose
+    source copy stays in place for the editable install."""
     env = _clean_env(build_root)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir"]
     src = _source_copy(build_root / "src")
     _run([*pip_wheel, "-w", str(build_root / "dist_tree"), str(src)], build_root, env)
 
-    sdist_src = _source_copy(build_root / "src_for_sdist")
-    sdist_name = _run(
-        [sys.executable, "-c", "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))",
-         str(build_root / "sdist")], sdist_src, env,
-    ).strip().splitlines()[-1]  # fmt: skip
-    with tarfile.open(build_root / "sdist" / sdist_name) as tar:
+    sdist = _call_backend(_source_copy(build_root / "src_for_sdist"), "build_sdist", build_root / "sdist", env)
+    with tarfile.open(sdist) as tar:
         tar.extractall(build_root / "sdist_unpacked", filter="data")
     (unpacked,) = (build_root / "sdist_unpacked").iterdir()
     _run([*pip_wheel, "-w", str(build_root / "dist_sdist"), str(unpacked)], build_root, env)
     (from_tree,) = (build_root / "dist_tree").glob("*.whl")
     (from_sdist,) = (build_root / "dist_sdist").glob("*.whl")
-    return {"tree": from_tree, "sdist": from_sdist}
+    editable = _call_backend(_source_copy(build_root / "src_editable"), "build_editable", build_root / "dist_e", env)
+    return {"tree": from_tree, "sdist": from_sdist, "editable": editable}
 
 
 def test_wheel_contents(wheels: dict[str, Path]):
     names = {}
     for kind, wheel in wheels.items():
+        _check_record(wheel)
         with zipfile.ZipFile(wheel) as zf:
             names[kind] = set(zf.namelist())
-            pth = zf.read(PTH).decode()
+            # the startup hook sits at the wheel root (-> site-packages), identical to the source file
+            assert zf.read(PTH).decode() == (REPO / "trainers" / PTH).read_text(), kind
             entry_points = next(zf.read(n).decode() for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        declared = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*=", entry_points.split("[console_scripts]")[1], re.M))
+        assert declared == _project_scripts(), kind
+    # the editable wheel holds no code of ours, only setuptools' finder next to our .pth
+    assert not [n for n in names["editable"] if n.startswith(tuple(f"{d}/" for d in PACKAGE_DIRS.values()))]
+    for kind in ("tree", "sdist"):
         files = names[kind]
-        # the startup hook sits at the wheel root (-> site-packages), identical to the source file
-        assert pth == (REPO / "trainers" / PTH).read_text()
         # every module ships, nnU-Net's shim folder included, and nothing from tests/
         assert {n for n in files if n.endswith(".py")} == _expected_modules(), kind
         assert any(n.startswith("nnunetv2_lorkd_trainers/nnunet_ext/") and n.endswith("_shim.py") for n in files)
         assert "nnunetv2_lorkd/nnunet/config.py" in files  # a folder without __init__.py (see setup.py)
         assert not [n for n in files if n.startswith("tests/") or "/tests/" in n or "conftest" in n], kind
-        declared = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*=", entry_points.split("[console_scripts]")[1], re.M))
-        assert declared == _project_scripts(), kind
     assert {n for n in names["tree"] if ".dist-info/" not in n} == {n for n in names["sdist"] if ".dist-info/" not in n}
 
 
 CHECK = r"""
 import os, sys
-site, nnunetv2_dir_expected = sys.argv[1], sys.argv[2]
-inside = lambda path: os.path.realpath(path).startswith(os.path.realpath(site) + os.sep)
+nnunetv2_dir_expected, code_root, trainers_dir, mode = sys.argv[1:5]
+inside = lambda path: os.path.realpath(path).startswith(os.path.realpath(code_root) + os.sep)
 
-# the .pth of the wheel ran at startup and set the variable nnU-Net reads; nothing else did
+# the installed .pth ran at startup and set the variable nnU-Net reads; nothing else did
 import nnunetv2_lorkd, nnunetv2_lorkd_trainers
-ext = os.path.join(site, "nnunetv2_lorkd_trainers", "nnunet_ext")
+ext = os.path.join(trainers_dir, "nnunet_ext")
 assert os.environ["nnUNet_extTrainer"].split(os.pathsep) == [ext], os.environ["nnUNet_extTrainer"]
 assert inside(nnunetv2_lorkd.__file__) and inside(nnunetv2_lorkd_trainers.__file__), (nnunetv2_lorkd.__file__,)
-assert not [m for m in sys.modules if "editable" in m], [m for m in sys.modules if "editable" in m]
-assert not [f for f in sys.meta_path if "editable" in type(f).__module__.lower()], sys.meta_path
+assert os.path.dirname(os.path.realpath(nnunetv2_lorkd_trainers.__file__)) == os.path.realpath(trainers_dir)
+# setuptools' editable finder serves our packages in the editable install, and only there
+finders = [f for f in sys.meta_path if "editable" in str(getattr(f, "__module__", "")).lower()]
+assert bool(finders) == (mode == "editable"), (mode, sys.meta_path)
+assert bool([m for m in sys.modules if "editable" in m]) == (mode == "editable"), mode
 
 import nnunetv2
 nnunetv2_dir = os.path.dirname(nnunetv2.__file__)
@@ -208,32 +255,38 @@ assert expert_layers(predictor.network), "the predictor built a network without 
 after = snapshot()
 assert after == before, sorted(after ^ before)
 assert not [f for f in after if "lorkd" in f.lower()]
-print("WHEEL DISCOVERY OK", variant.__module__, len(ours), "modules of ours, all from", site)
+print("DISCOVERY OK", mode, variant.__module__, len(ours), "modules of ours, all from", code_root)
 """
 
 
-def test_regular_install_discovery(build_root: Path, wheels: dict[str, Path]):
+@pytest.mark.parametrize("mode", ["wheel", "editable"])
+def test_zero_config_discovery(build_root: Path, wheels: dict[str, Path], mode: str):
     import nnunetv2
 
     nnunetv2_dir = Path(nnunetv2.__file__).parent
     nnunetv2_before = _package_files(nnunetv2_dir)
-    venv = build_root / "venv"
-    env = _clean_env(build_root)
-    work = build_root / "work"
-    work.mkdir()
+    root = build_root / mode
+    venv = root / "venv"
+    env = _clean_env(root)
+    work = root / "work"
+    work.mkdir(parents=True)
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], work, env)
     python = venv / "bin" / "python"
     site = Path(
         _run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work, env).strip()
     )
     # install before the heavy dependencies are visible, so pip sees nothing of the running environment
+    wheel = wheels["tree" if mode == "wheel" else "editable"]
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--no-cache-dir",
-          str(wheels["tree"])], work, env)  # fmt: skip
+          str(wheel)], work, env)  # fmt: skip
     assert (site / PTH).is_file() and (venv / "bin" / "lorkd-merge").is_file()
     heavy = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (site / "zz_lorkd_test_heavy_dependencies.pth").write_text("".join(f"{p}\n" for p in heavy))
+    # where our modules must come from: the wheel's files, or the source copy the editable wheel points to
+    code_root = site if mode == "wheel" else build_root / "src_editable"
+    trainers_dir = code_root / ("nnunetv2_lorkd_trainers" if mode == "wheel" else "trainers")
 
-    # a small merged dataset with plans (no preprocessing needed), built with the wheel's own lorkd-merge
+    # a small merged dataset with plans (no preprocessing needed), built with the installed lorkd-merge
     for region in ("abdomen", "pelvis"):
         write_region_dataset(env["nnUNet_raw"], region, num_cases=3)
     _run([str(venv / "bin" / "lorkd-merge"), "-i", "901", "abdomen", "-i", "902", "pelvis", "-d", str(MERGED_ID),
@@ -241,10 +294,9 @@ def test_regular_install_discovery(build_root: Path, wheels: dict[str, Path]):
     _run([str(python), "-I", "-m", "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
           "-d", str(MERGED_ID), "-c", "3d_fullres", "--no_pp", "-npfp", "1"], work, env)  # fmt: skip
 
-    out = _run(
-        [str(python), "-I", "-c", CHECK.replace("DATASET_ID", str(MERGED_ID)), str(site), str(nnunetv2_dir)], work, env
-    )
-    assert "WHEEL DISCOVERY OK nnunetv2_lorkd_trainers.lorkd" in out
+    check = CHECK.replace("DATASET_ID", str(MERGED_ID))
+    out = _run([str(python), "-I", "-c", check, str(nnunetv2_dir), str(code_root), str(trainers_dir), mode], work, env)
+    assert f"DISCOVERY OK {mode} nnunetv2_lorkd_trainers.lorkd" in out
     # nothing was installed or copied into the shared nnunetv2 package, and the new venv holds no nnunetv2
     assert _package_files(nnunetv2_dir) == nnunetv2_before
     assert not (site / "nnunetv2").exists()

@@ -38,7 +38,7 @@ from nnunetv2_lorkd.kd.cache import (
 from nnunetv2_lorkd.kd.config import TeacherRef
 from nnunetv2_lorkd.kd.data import SOFT_LABEL_KEY, CachedSoftLabels, KDDataLoader
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
-from nnunetv2_lorkd.kd.teacher import batch_probabilities, freeze_teacher
+from nnunetv2_lorkd.kd.teacher_inference import batch_probabilities, freeze_teacher
 from nnunetv2_lorkd.regions import RegionMap
 
 CLASSES = ("liver", "spleen", "urinary_bladder")

@@ -18,10 +18,12 @@ from PIL import Image
 from nnunetv2_lorkd.experts import route
 from nnunetv2_lorkd.kd.cache import KDCacheError
 from nnunetv2_lorkd.kd.config import KDSettings, TeacherRef, write_settings
+from nnunetv2_lorkd.kd.data import KDDataLoader
 from nnunetv2_lorkd.kd.loss import DistillationLoss, SegmentationDistillationLoss
 from nnunetv2_lorkd.kd.progress import KD_LOSS_KEY, SEG_LOSS_KEY
-from nnunetv2_lorkd.kd.teacher import batch_probabilities
+from nnunetv2_lorkd.kd.teacher_inference import batch_probabilities
 from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss
+from nnunetv2_lorkd.nnunet.runtime import OutputRestriction, RegionBalancedDataLoader
 
 CLASSES = ("liver", "spleen", "urinary_bladder")
 
@@ -93,6 +95,45 @@ def test_kd_train_step_loss_is_seg_plus_weighted_kd_on_the_same_patch(toy, monke
     after = {k: v for m in (teacher.norm, teacher.head) for k, v in m.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
     trainer.on_train_end()
+
+
+def test_the_kd_loader_serves_only_runs_that_distil_from_cached_soft_labels(toy):
+    """Without distillation (or with an online teacher) nnU-Net's get_dataloaders builds the plain region-balanced
+    loader, and its own loader class is back in place afterwards."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+    folder, model = toy
+    trainer = make_trainer(nnUNetTrainerLoRKD)
+    trainer.on_train_start()
+    assert type(trainer.dataloader_train.data_loader) is RegionBalancedDataLoader
+    assert nnunet_trainer_module.nnUNetDataLoader is nnUNetDataLoader
+    trainer.on_train_end()
+    for mode, loader in (("online", RegionBalancedDataLoader), ("cached", KDDataLoader)):
+        write_settings(folder, "3d_fullres", KDSettings("nnUNetPlans", TeacherRef(model), mode, 1.0, 1.0, False))
+        assert make_trainer(nnUNetTrainerLoRKD)._data_loader_class() is loader
+
+
+def test_final_validation_routes_each_case_as_nnunet_loads_it(toy):
+    """nnU-Net's final validation loads each case through self.dataset_class right before predicting it: the
+    routed dataset class hands the case to the trainer first, which routes and restricts the network to its region."""
+    trainer = make_trainer(nnUNetTrainerLoRKD)
+    trainer.initialize()
+    routed: list[int | None] = []
+    trainer._route_case = routed.append
+    dataset_class = trainer._routed_dataset_class(trainer.dataset_class)
+    assert issubclass(dataset_class, trainer.dataset_class)
+    dataset = dataset_class(trainer.preprocessed_dataset_folder, ["abd_003", "pel_003"])
+    trainer._output_restriction = OutputRestriction(trainer.network)
+    try:
+        dataset.load_case("pel_003")
+        assert routed == [trainer.region_map.region_of_case("pel_003")]
+        excluded = trainer._output_restriction.excluded.tolist()
+        assert excluded == [False, True, True, False]  # background + urinary_bladder only
+        dataset.load_case("abd_003")
+        assert trainer._output_restriction.excluded.tolist() == [False, False, False, True]
+    finally:
+        trainer._output_restriction.remove()
 
 
 @pytest.mark.slow

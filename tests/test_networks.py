@@ -88,6 +88,9 @@ def test_in_place_merge_matches_fusion(kind, dim):
         merge_experts(net, 0)
         merge_experts(net, 1)
         torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
+    fused = dict(fuse_expert(net, 1).named_modules())
+    for layer in expert_layers(net):  # fusion is merging: the same weights to the bit
+        assert torch.equal(fused[layer.lorkd_name].weight, layer.merged_weight)
     unmerge_experts(net)
     with pytest.raises(RoutingError):
         net(x)

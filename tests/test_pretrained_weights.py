@@ -19,7 +19,7 @@ from test_e2e_nnunet import BIN, _run
 
 from nnunetv2_lorkd.experts import expert_layers, fuse_expert, route
 from nnunetv2_lorkd.fuse import SEG_HEAD_KEY
-from nnunetv2_lorkd.pretrained import PretrainedWeightsError
+from nnunetv2_lorkd.nnunet.pretrained import PretrainedWeightsError
 from nnunetv2_lorkd.sat import PromptedUNet, SATConfig
 
 

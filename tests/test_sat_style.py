@@ -164,6 +164,30 @@ def test_learned_embeddings_train_without_a_text_model():
     assert net.prompt.class_embeddings.grad.abs().sum() > 0
 
 
+def test_sat_trainer_steps_go_through_the_region_aware_base(tmp_path, monkeypatch):
+    """Region-balanced loader, class-masked training step, region-restricted pseudo-Dice logged per region."""
+    from kd_toy import make_trainer, nnunet_env, write_dataset
+    from nnunetv2_lorkd_trainers.sat_style import nnUNetTrainerSATStyle_learnedEmbeddings
+
+    from nnunetv2_lorkd.nnunet.runtime import REGION_DICE_KEY, RegionBalancedDataLoader
+
+    write_dataset(nnunet_env(monkeypatch, str(tmp_path))["nnUNet_preprocessed"])
+    trainer = make_trainer(nnUNetTrainerSATStyle_learnedEmbeddings)
+    trainer.on_train_start()
+    assert type(trainer.dataloader_train.data_loader) is RegionBalancedDataLoader
+    assert trainer.dataloader_train.data_loader.sampling_probabilities is not None
+    trainer.on_train_epoch_start()
+    assert math.isfinite(float(trainer.train_step(next(trainer.dataloader_train))["loss"]))
+    trainer.on_validation_epoch_start()
+    outputs = [trainer.validation_step(next(trainer.dataloader_val))]
+    trainer.on_validation_epoch_end(outputs)
+    assert len(trainer.logger.get_value(REGION_DICE_KEY, step=-1)) == 2  # abdomen, pelvis
+    with open(trainer.log_file) as f:
+        log = f.read()
+    assert "Pseudo dice per region: abdomen" in log and "SAT-style model: 3 classes" in log
+    trainer.on_train_end()
+
+
 @pytest.mark.slow
 def test_text_encoder_embeds_names_meaningfully():
     from nnunetv2_lorkd.sat import embed_texts

@@ -156,7 +156,7 @@ def test_missing_and_unusable_checkpoints_are_refused_clearly(plain_folder, tmp_
     folder, _ = plain_folder
     with pytest.raises(TeacherError, match=r"checkpoint_best.pth does not exist \(checkpoints there: checkpoint_final"):
         load_teacher(folder, 0, "checkpoint_best.pth")
-    with pytest.raises(TeacherError, match=r"plans\.json is missing"):
+    with pytest.raises(TeacherError, match=r"plans\.json does not exist; is this a trained nnU-Net model folder"):
         load_teacher(str(tmp_path), 0)
 
     # a pickled arbitrary object: weights_only loading must refuse it

@@ -63,3 +63,9 @@ def length_variant(base: type, epochs: int, module: str) -> type:
     return schedule_variant(
         base, length_name(base.__name__, epochs), module, f"{base.__name__} for {epochs} epochs.", epochs=epochs
     )
+
+
+def length_variants(base: type, module: str) -> dict[str, type]:
+    """Every ``<base>_<n>epochs`` of :data:`LENGTHS` by name, for a module to publish with
+    ``globals().update(...)`` and list in ``__all__`` (where nnU-Net's class search finds them through the shims)."""
+    return {length_name(base.__name__, n): length_variant(base, n, module) for n in LENGTHS}

@@ -6,73 +6,38 @@ validation and per-region summary as nnUNetTrainerLoRKD, and optionally the same
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
-
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnunetv2_lorkd_trainers._variants import LENGTHS, length_name, length_variant, smoke_variant
+from nnunetv2_lorkd_trainers._variants import length_variants, smoke_variant
 from nnunetv2_lorkd_trainers.lorkd import nnUNetTrainerLoRKD
-from torch import nn
+from nnunetv2_lorkd_trainers.region_aware import RegionAwareTrainer
 
-from nnunetv2_lorkd.nnunet.config import PLANS_KEY, ExpertConfig
-
-__all__ = [
-    "nnUNetTrainerMTL",
-    "nnUNetTrainerMTL_smoke",
-    *(length_name("nnUNetTrainerMTL", n) for n in LENGTHS),
-]
+from nnunetv2_lorkd.nnunet.config import PLANS_KEY
 
 
 class nnUNetTrainerMTL(nnUNetTrainerLoRKD):
     """nnUNetTrainerLoRKD with the experts switched off through its hooks."""
 
-    @classmethod
-    def build_network_architecture(
-        cls,
-        plans_manager: PlansManager,
-        configuration_manager: ConfigurationManager,
-        num_input_channels: int,
-        num_output_channels: int,
-        enable_deep_supervision: bool = True,
-    ) -> nn.Module:
-        """nnU-Net's plain network from the plans: no expert layers, so its checkpoints are vanilla."""
-        return nnUNetTrainer.build_network_architecture(
-            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
-        )
+    # nnU-Net's plain network from the plans: no expert layers, so its checkpoints are vanilla
+    build_network_architecture = staticmethod(nnUNetTrainer.build_network_architecture)
 
-    def _configure_experts(self, plans: dict, configuration: str, dataset_json: dict) -> ExpertConfig | None:
-        # plans.json of an MTL model must not describe experts its network does not have
+    def _configure_network(self, plans: dict, configuration: str, dataset_json: dict) -> None:
+        """No experts: plans.json of an MTL model must not describe experts its network does not have."""
         plans["configurations"][configuration].pop(PLANS_KEY, None)
         self.configuration_manager.configuration.pop(PLANS_KEY, None)
-        return None
+        self.expert_config = None
 
     def _describe_network(self) -> str:
         total = sum(p.numel() for p in self.network.parameters())
         return f"MTL baseline: one shared network for regions {self.region_map.names}, {total:,} parameters"
 
-    def _routing(self, region_ids: Sequence[int]) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def _route_case(self, region: int | None) -> None:
-        return None
+    # no experts to route to: the base's routing, which leaves the one shared network as it is
+    _routing = RegionAwareTrainer._routing
+    _route_case = RegionAwareTrainer._route_case
 
 
 nnUNetTrainerMTL_smoke = smoke_variant(nnUNetTrainerMTL, __name__)
 
-
-def _length_variant(epochs: int) -> type[nnUNetTrainerMTL]:
-    return length_variant(nnUNetTrainerMTL, epochs, __name__)
-
-
-# the same training lengths as nnUNetTrainerLoRKD
-nnUNetTrainerMTL_1epoch = _length_variant(1)
-nnUNetTrainerMTL_5epochs = _length_variant(5)
-nnUNetTrainerMTL_10epochs = _length_variant(10)
-nnUNetTrainerMTL_20epochs = _length_variant(20)
-nnUNetTrainerMTL_50epochs = _length_variant(50)
-nnUNetTrainerMTL_100epochs = _length_variant(100)
-nnUNetTrainerMTL_250epochs = _length_variant(250)
-nnUNetTrainerMTL_500epochs = _length_variant(500)
-nnUNetTrainerMTL_2000epochs = _length_variant(2000)
-nnUNetTrainerMTL_4000epochs = _length_variant(4000)
+# the same training lengths as nnUNetTrainerLoRKD: nnUNetTrainerMTL_1epoch ... _4000epochs
+_LENGTH_VARIANTS = length_variants(nnUNetTrainerMTL, __name__)
+globals().update(_LENGTH_VARIANTS)
+__all__ = ["nnUNetTrainerMTL", "nnUNetTrainerMTL_smoke", *_LENGTH_VARIANTS]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import write_json
+from ..files import write_json
 from .data import (
     DatasetFormatError,
     TaskData,
@@ -156,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate_exported(model_path: Path, tasks: list[TaskData], split: str, device: torch.device) -> dict:
-    from .benchmark import evaluate_plain
+    from .train import evaluate_plain
 
     files = sorted(model_path.glob("*.pt2")) if model_path.is_dir() else [model_path]
     if not files:
@@ -218,7 +218,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark
+    from ..benchmarks.classification import run_benchmark
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import save_npz
+from ..files import save_npz
 
 SPLITS = ("train", "val", "test")
 NPZ_KEYS = tuple(f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels"))
 LABEL_NAMES_KEY = "label_names"  # optional extra key (ours); MedMNIST readers ignore it
 
-# Class counts of the MedMNIST 2D multi-class sets used by LoRKD (source: docs lorkd-method.md §1.2, taken
-# from the LoRKD classification code). Used to catch out-of-range labels in files without label names.
+# Class counts of the MedMNIST 2D multi-class sets used by LoRKD, as the MedMNIST v2 paper gives them (Yang et
+# al., Scientific Data 2023). Used to catch out-of-range labels in files without label names.
 MEDMNIST_NUM_CLASSES = {
     "pathmnist": 9,
     "octmnist": 4,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_path, write_json
+from ..files import atomic_path, write_json
 from .models import MultiTaskClassifier, PlainTaskClassifier, fuse_task
 
 META_NAME = "meta.json"

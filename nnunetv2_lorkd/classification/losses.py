@@ -2,10 +2,10 @@
 
     L = (1/B) * sum_t sum_{i in B_t} [ CE(y_i, p_i) + beta * tau^2 * KL(q_i^tau || p_i^tau) ]
 
-(the CVPR paper's task-knowledge-transfer loss, docs lorkd-method.md §4.1), with p the student's and q the
+(the task-knowledge-transfer loss of the LoRKD paper: Zhou et al., CVPR 2024), with p the student's and q the
 frozen teacher's softened distributions from the heads of sample i's own task. Each task's term is weighted
 by its share n_t/B of the batch, so every sample counts once whatever the task mix. The released LoRKD
-classification scripts multiply the KD term by 0 (§4.2); here beta defaults to 1.
+classification scripts multiply the KD term by 0; here beta defaults to 1.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..experts import add_experts, expert_layers, fuse_expert, route
+from ..experts import add_experts, backbone_parameter_count, expert_layers, fuse_expert, group_by_region, route
 
 # width/depth presets; the teacher is ~30x the student (see docs/classification.md)
 ARCH_PRESETS: dict[str, dict[str, list[int]]] = {
@@ -87,14 +87,6 @@ class TaskGroup:
     logits: torch.Tensor
 
 
-def task_groups(ids: Sequence[int]) -> list[tuple[int, list[int]]]:
-    """(task, sample positions) for each task present, in task order."""
-    groups: dict[int, list[int]] = {}
-    for pos, t in enumerate(ids):
-        groups.setdefault(t, []).append(pos)
-    return sorted(groups.items())
-
-
 class MultiTaskClassifier(nn.Module):
     """Shared LightResNet backbone + one linear head per task.
 
@@ -137,7 +129,7 @@ class MultiTaskClassifier(nn.Module):
         ids = task_ids.tolist() if isinstance(task_ids, torch.Tensor) else [int(i) for i in task_ids]
         if len(ids) != x.shape[0]:
             raise ValueError(f"got {x.shape[0]} images but {len(ids)} task ids; give one task id per image")
-        groups = task_groups(ids)  # one host-side pass; routing and the heads reuse it
+        groups = group_by_region(ids)  # (task, positions), the grouping routing uses; the heads reuse it
         feats = self.features(x, ids if len(groups) > 1 else groups[0][0])
         out = []
         for task, positions in groups:
@@ -151,9 +143,7 @@ class MultiTaskClassifier(nn.Module):
 
     def deployed_parameter_count(self, task: int) -> int:
         """Parameters of the plain network this model yields for `task` (backbone + that head)."""
-        expert_ids = {id(p) for layer in expert_layers(self.backbone) for p in (*layer.lora_A, *layer.lora_B)}
-        backbone = sum(p.numel() for p in self.backbone.parameters() if id(p) not in expert_ids)
-        return backbone + sum(p.numel() for p in self.heads[task].parameters())
+        return backbone_parameter_count(self.backbone) + sum(p.numel() for p in self.heads[task].parameters())
 
     def stored_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

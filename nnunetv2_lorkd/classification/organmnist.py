@@ -4,7 +4,7 @@ Source: the example CT of the TotalSegmentator 2.18.0 source distribution (PyPI,
 map ``example_seg_fast_force_split.nii.gz``. **Those labels are TotalSegmentator's own predictions** (kept
 as regression-test references), not manual annotations; every output says so. OrganA/C/S-MNIST were made
 the same way from manually labelled CT (crop organ boxes from axial/coronal/sagittal slices, the organ is
-the label; docs real-data.md §7-8).
+the label; MedMNIST v2, Yang et al., Scientific Data 2023).
 
 Leakage-free split: the volume is first cut into z-slabs with the repeating pattern
 ``test 4 | gap 2 | val 2 | gap 2 | train 10 | gap 2`` slices (from the feet up; 3 mm slices, so every
@@ -47,7 +47,7 @@ from ..data.sources import (
     pip_downloader,
     sha256_file,
 )
-from ._io import write_json
+from ..files import write_json
 from .data import SPLITS, SplitArrays, TaskData, save_medmnist_npz
 
 SDIST_NAME = TS_SDIST_NAME

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ._io import save_torch
-from .data import MultiTaskSplit, iterate_batches
+from ..files import save_torch
+from .data import MultiTaskSplit, TaskData, assemble_split, iterate_batches
 from .losses import multitask_loss
 from .metrics import classification_metrics
 from .models import FrozenTeacher, MultiTaskClassifier, TaskGroup
@@ -242,3 +242,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def settings_dict(settings: TrainSettings) -> dict[str, Any]:
     return asdict(settings)
+
+
+@torch.no_grad()
+def evaluate_plain(
+    module: torch.nn.Module, task: TaskData, channels: int, size: int, device: torch.device, split: str = "test"
+) -> dict[str, float]:
+    """ACC/AUC of a plain single-task module (e.g. an exported fused model) on one split of its task."""
+    data = assemble_split([task], split, channels, size)
+    module = module.to(device)
+    probs = [np.zeros((0, task.num_classes), np.float32)]
+    for idx in iterate_batches(len(data), 512, shuffle=False):
+        probs.append(torch.softmax(module(data.images[idx].float().to(device)), 1).cpu().numpy())
+    return classification_metrics(data.labels.numpy(), np.concatenate(probs))

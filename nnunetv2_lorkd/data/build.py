@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..files import write_json
 from .scans import DEFAULT_REGIONS, REGIONS, RegionSpec
+from .slabs import Part, Slab, SplitError, check_disjoint, cut_case_slabs, slab_plan
 from .sources import SourceError, SourceUnavailableError, fetch_archive_files, sha256_file
-from .split import Part, Slab, SplitError, check_disjoint, cut_case_slabs, slab_plan
 from .volumes import LabelledVolume, VolumeError, resample
 
 BUILD_VERSION = 1
@@ -56,10 +57,6 @@ def region_dataset_name(base_id: int, index: int, region: str) -> str:
 
 def merged_dataset_name(base_id: int) -> str:
     return f"Dataset{base_id:03d}_{MERGED_NAME}"
-
-
-def _dump(obj: object, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _write_case(volume: LabelledVolume, image_path: Path, label_path: Path) -> None:
@@ -177,8 +174,8 @@ def build_region(
         "description": f"LoRKD real-data benchmark, region {spec.name}: {spec.source}. {spec.labels_note}",
         "licence": spec.archive.description,
     }
-    _dump(dataset_json, target / "dataset.json")
-    _dump([{"train": train_cases, "val": [monitor]}], target / "splits_final.json")
+    write_json(target / "dataset.json", dataset_json)
+    write_json(target / "splits_final.json", [{"train": train_cases, "val": [monitor]}])
     region_info = {
         "region": spec.name,
         "dataset": target.name,
@@ -199,7 +196,7 @@ def build_region(
         "validation_case": [monitor],
         "cases": case_info,
     }
-    _dump(region_info, target / "lorkd_data.json")
+    write_json(target / "lorkd_data.json", region_info)
     return region_info, parts
 
 
@@ -360,7 +357,7 @@ def build_datasets(
     }
     if merge:
         manifest["merged"] = _merge(raw, specs, names, base_id, infos, overwrite, log)
-    _dump(manifest, raw / MANIFEST)
+    write_json(raw / MANIFEST, manifest)
     log(f"[lorkd-data] wrote {raw / MANIFEST}")
     for note in manifest["labels_notes"]:
         log(f"[lorkd-data] NOTE: {note}")
@@ -389,7 +386,7 @@ def _merge(
     log: Callable[[str], None],
 ) -> str:
     """lorkd-merge the region datasets, then give the merged dataset the same one-fold split."""
-    from nnunetv2_lorkd.merge import InputSpec, MergeError, merge_datasets
+    from nnunetv2_lorkd.dataset_merge import InputSpec, MergeError, merge_datasets
 
     previous = os.environ.get(RAW_VARIABLE)
     os.environ[RAW_VARIABLE] = str(raw)
@@ -410,7 +407,7 @@ def _merge(
     if missing:
         raise DataBuildError(f"lorkd-merge renamed cases {missing[:3]}...; the case ids must stay as built")
     for path in result.splits_files:
-        _dump([{"train": train, "val": val}], path)
+        write_json(path, [{"train": train, "val": val}])
     log(f"[lorkd-data] merged: {result.folder} ({len(train)} training cases, {len(specs)} regions)")
     return result.folder.name
 

@@ -1,7 +1,7 @@
 """Public scans fetched at run time with the registries' own clients, checked against pinned sha256 sums and
 cached, so later runs work offline. Nothing here is ever committed (the licences differ: see docs/demo.md).
 
-Three archives are known (docs: ../shared real-data.md, sections 1-3):
+Three archives are known:
 
 - ``totalsegmentator==2.18.0`` source distribution (PyPI, Apache-2.0): ``pip download --no-deps --no-binary
   :all:``. Its ``tests/reference_files`` hold real CT scans with TotalSegmentator's *predicted* label maps
@@ -330,5 +330,3 @@ MRICRON = Archive(
     sha256=None,  # .deb builds differ between Debian releases; the three files inside are pinned
     downloader=apt_downloader("mricron-data"),
 )
-
-ARCHIVES = {a.key: a for a in (TOTALSEGMENTATOR, SLICERIO, MRICRON)}

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-REGION_DICE_KEY = "lorkd_region_dice"  # what nnUNetTrainerLoRKD / MTL / SATStyle log per epoch and region
+from nnunetv2_lorkd.nnunet.runtime import REGION_DICE_KEY
+
 RISING_MARGIN = 0.02
 LEARNING_FLOOR = 0.05
 
@@ -68,7 +69,7 @@ def plot_curves(curves: dict[str, dict[str, list[float | None]]], iterations_per
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_figure
+    from nnunetv2_lorkd.files import save_figure
 
     regions = sorted({r for per_method in curves.values() for r in per_method})
     fig, axes = plt.subplots(1, len(regions), figsize=(3.6 * len(regions), 3.2), squeeze=False)

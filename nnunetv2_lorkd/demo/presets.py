@@ -3,19 +3,14 @@ trainers in ``trainers/demo.py`` read their lengths from here).
 
 nnU-Net chooses a training length only through the trainer class name, so every preset has its own trainer
 classes, ``<base trainer>_<suffix>`` (e.g. ``nnUNetTrainerLoRKD_demoCPU``), for the four trainers the demo
-trains: ``nnUNetTrainer`` (specialists), ``nnUNetTrainerSATStyle`` (teacher), ``nnUNetTrainerLoRKD``
-(students) and ``nnUNetTrainerMTL`` (baseline). The students, the MTL baseline and the specialists train for
-the same number of epochs and iterations (as nnU-Net trains every dataset with the same schedule); the teacher,
-which stands for LoRKD's pre-trained foundation model, trains longer: its independent sigmoid classes need
-far longer than softmax models before any probability crosses 0.5. On the cpu preset it predicted
-background everywhere after 480 and after 960 iterations (Dice 0 on every region); its pseudo-Dice first
-rose above 0 after about 1500 iterations, so it gets 2560 (64 epochs of 40). On the gpu preset it trains
-twice as long as the students.
+trains. The students, the MTL baseline and the specialists train for the same number of iterations, as
+nnU-Net trains every dataset with the same schedule; the teacher stands for LoRKD's pre-trained foundation
+model and may train longer. How the cpu presets' sizes were chosen, with the measurements: docs/demo.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # the demo passes each run's seed to its trainers in this variable (trainers/demo.py seeds Python, NumPy and torch)
 SEED_VARIABLE = "LORKD_DEMO_SEED"
@@ -36,30 +31,30 @@ class SmallNetwork:
 class Preset:
     name: str
     suffix: str  # trainer class suffix
-    configuration: str  # nnU-Net configuration
     plans: str  # plans identifier; a "small" preset writes it from nnUNetPlans (see `small_network`)
     small_network: SmallNetwork | None  # None: nnU-Net's plans as planned
     epochs: int  # every model but the teacher
     teacher_epochs: int  # the teacher plays the pre-trained foundation model: it may train longer
     iterations: int  # training iterations per epoch
     val_iterations: int  # validation iterations per epoch
-    # mirroring as augmentation and at test time: off in every preset. Left and right organs (lungs, kidneys,
-    # femurs, hips, gluteal muscles, iliopsoas) are different classes; a mirrored slice shows a left organ where
-    # the right one belongs, so a model trained with mirroring confuses them (the first cpu run of issue 15: left
-    # lung Dice 0, right lung 39-65 on the thorax specialist)
-    tta: bool
-    # the largest in-plane rotation of the augmentation, in degrees (None: nnU-Net's; its 2d rule rotates whole
-    # slices by up to 180 degrees, which these consistently oriented CT scans never need)
-    max_rotation_deg: float | None
-    final_validation: bool  # nnU-Net's final validation after training (the demo scores on test parts anyway)
-    device: str  # "cpu" or "cuda"
-    kd_mode: str  # "online" (cheaper for short runs: no sliding-window pass over every case) or "cached"
-    # the LoRKD students and the MTL baseline start from the teacher's backbone (LoRKD decomposes a trained model;
-    # the baseline gets the same start so that the comparison isolates experts + distillation)
-    students_from_teacher: bool
-    smoke: bool  # results are a smoke run (too short to judge the method)
     regions: tuple[str, ...]
     description: str
+    configuration: str = "2d"  # nnU-Net configuration
+    # mirroring as augmentation and at test time: off in every preset. Left and right organs (lungs, kidneys,
+    # femurs, hips, gluteal muscles, iliopsoas) are different classes, and a mirrored slice shows a left organ
+    # where the right one belongs (docs/demo.md, "No mirroring")
+    tta: bool = False
+    # the largest in-plane rotation of the augmentation, in degrees (None: nnU-Net's; its 2d rule rotates whole
+    # slices by up to 180 degrees, which these consistently oriented CT scans never need)
+    max_rotation_deg: float | None = 15.0
+    final_validation: bool = False  # nnU-Net's final validation after training (the demo scores on test parts)
+    device: str = "cpu"  # "cpu" or "cuda"
+    # "online" (cheaper for short runs: no sliding-window pass over every case) or "cached"
+    kd_mode: str = "online"
+    # the LoRKD students and the MTL baseline start from the teacher's backbone (LoRKD decomposes a trained model;
+    # the baseline gets the same start so that the comparison isolates experts + distillation)
+    students_from_teacher: bool = True
+    smoke: bool = False  # results are a smoke run (too short to judge the method)
 
     def trainer(self, base: str) -> str:
         if base not in BASE_TRAINERS:
@@ -73,48 +68,19 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         suffix="demoCPU",
-        configuration="2d",
         plans="nnUNetPlansDemoCPU",
-        # the whole 3 mm slice (about 101 x 122 voxels) in one patch; a quarter of nnU-Net's features (8 ... 128),
-        # which trains 2.8x faster per iteration than half of them and leaves the budget for iterations
+        # the whole 3 mm slice in one patch; a quarter of nnU-Net's features (8 ... 128) to leave the budget for
+        # iterations (measurements: docs/demo.md)
         small_network=SmallNetwork(max_features=128, max_batch=4, max_patch=128, feature_divisor=4),
         epochs=16,
         teacher_epochs=24,
         iterations=50,
         val_iterations=2,
-        tta=False,
-        max_rotation_deg=15.0,
-        final_validation=False,
-        device="cpu",
-        kd_mode="online",
-        students_from_teacher=True,
-        smoke=False,
         regions=CT_REGIONS,
         description="CPU RUN (<= 25 min on 2 cores): 2d, whole-slice patches (<= 128 x 128), a small network "
         "(features 8 ... 128, batch <= 4), 16 epochs x 50 iterations per model (the teacher 24), the LoRKD students "
         "and the MTL baseline starting from the teacher's backbone, no mirroring, rotation <= 15 degrees, no nnU-Net "
         "final validation",
-    ),
-    "cpu-full": Preset(
-        name="cpu-full",
-        suffix="demoCPUFull",
-        configuration="2d",
-        plans="nnUNetPlansDemoCPU",  # the cpu preset's network and preprocessed data: only the schedule is longer
-        small_network=SmallNetwork(max_features=128, max_batch=4, max_patch=128, feature_divisor=4),
-        epochs=48,
-        teacher_epochs=72,
-        iterations=50,
-        val_iterations=2,
-        tta=False,
-        max_rotation_deg=15.0,
-        final_validation=False,
-        device="cpu",
-        kd_mode="online",
-        students_from_teacher=True,
-        smoke=False,
-        regions=CT_REGIONS,
-        description="LONGER CPU RUN (about 1 h on 2 cores): the cpu preset's network, data and augmentation with 3x "
-        "its schedule, 48 epochs x 50 iterations per model (the teacher 72)",
     ),
     "gpu": Preset(
         name="gpu",
@@ -126,13 +92,10 @@ PRESETS: dict[str, Preset] = {
         teacher_epochs=200,
         iterations=250,
         val_iterations=50,
-        tta=False,
         max_rotation_deg=None,
         final_validation=True,
         device="cuda",
         kd_mode="cached",
-        students_from_teacher=True,
-        smoke=False,
         regions=(*CT_REGIONS, "brain"),
         description="benchmark: 3d_fullres with nnU-Net's own plans, 100 epochs x 250 iterations per model (the "
         "teacher 200), no mirroring (left/right classes)",
@@ -140,25 +103,30 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
         suffix="demoTiny",
-        configuration="2d",
         plans="nnUNetPlansDemoTiny",
         small_network=SmallNetwork(max_features=32, max_batch=2, max_patch=64),
         epochs=1,
         teacher_epochs=1,
         iterations=4,
         val_iterations=1,
-        tta=False,
-        max_rotation_deg=15.0,
-        final_validation=False,
-        device="cpu",
-        kd_mode="online",
-        students_from_teacher=True,
         smoke=True,
         regions=("abdomen", "pelvis"),
         description="TEST RUN (CI): 2d, a tiny network, 1 epoch x 4 iterations per model on two regions; it only "
         "checks that every stage runs",
     ),
 }
+
+
+# the longer CPU run: the cpu preset's network, data and augmentation with 3x its schedule
+PRESETS["cpu-full"] = replace(
+    PRESETS["cpu"],
+    name="cpu-full",
+    suffix="demoCPUFull",
+    epochs=48,
+    teacher_epochs=72,
+    description="LONGER CPU RUN (about 1 h on 2 cores): the cpu preset's network, data and augmentation with 3x "
+    "its schedule, 48 epochs x 50 iterations per model (the teacher 72)",
+)
 
 
 def get_preset(name: str) -> Preset:

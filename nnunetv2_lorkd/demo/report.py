@@ -9,8 +9,9 @@ of 4 regions, and they are within 3 Dice points of the per-region specialists on
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from nnunetv2_lorkd.files import save_figure, write_text
 
 # class -> the Dice every model must reach on it (where the region with that class is in the run)
 LANDMARKS = {"lung_right": 0.90, "lung_left": 0.90, "liver": 0.85}
@@ -115,18 +116,6 @@ def bar_chart(region: str, data: dict, names: dict[str, str], path: Path, smoke:
     ax.set_title(title + (" (SMOKE RUN)" if smoke else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     return save_figure(fig, path, dpi=110)
-
-
-def save_figure(fig, path: Path, dpi: int) -> Path:
-    """Write a matplotlib figure as PNG through a temporary file and close it: no half-written chart."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 STATUS = {True: "**met**", False: "**not met**", None: "**cannot be judged** (a Dice it needs is undefined)"}
@@ -343,8 +332,4 @@ def write_report(metrics: dict, run: dict, out_dir: str | Path) -> Path:
         )
         charts["curves"] = path.name
     text = render_markdown(metrics, run, charts)
-    target = out_dir / "report.md"
-    tmp = target.with_name(".report.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
-    return target
+    return write_text(out_dir / "report.md", text)

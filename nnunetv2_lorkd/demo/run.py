@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunetv2_lorkd.data.build import DEFAULT_BASE_ID, MANIFEST, merged_dataset_name, region_dataset_name
+from nnunetv2_lorkd.files import write_json
 
 from .presets import BASE_TRAINERS, SEED_VARIABLE, Preset, get_preset
 
@@ -590,9 +591,7 @@ class Demo:
             return False
         self.progress.begin("evaluate", "Dice and NSD per class and region")
         metrics = evaluate_all(self, log=lambda text: self.progress.step(text))
-        tmp = metrics_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, metrics_file)
+        write_json(metrics_file, metrics)
         self.progress.finish("evaluate")
         return True
 
@@ -715,11 +714,7 @@ def write_small_plans(dataset_folder: Path, preset: Preset) -> Path:
     configuration["data_identifier"] = f"{preset.plans}_{preset.configuration}"
     plans["plans_name"] = preset.plans
     plans["configurations"] = {preset.configuration: configuration}
-    target = dataset_folder / f"{preset.plans}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plans, indent=2) + "\n")
-    os.replace(tmp, target)
-    return target
+    return write_json(dataset_folder / f"{preset.plans}.json", plans)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@ only difference between repeats is the seed of the training runs (weights, sampl
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
+
+from nnunetv2_lorkd.files import write_text
 
 from .report import ORDER, verdict, verdict_lines
 
@@ -125,10 +126,6 @@ def write_seeds_report(metrics_files: dict[int, Path], out_dir: Path, title: str
         ("seeds.json", json.dumps({k: v for k, v in summary.items() if k != "mean"}, indent=2) + "\n"),
         ("seeds.md", render_seeds_markdown(summary, title)),
     ):
-        target = out_dir / name
-        tmp = target.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
-        written[name] = target
+        written[name] = write_text(out_dir / name, text)
     return written["seeds.md"]
 

@@ -15,14 +15,23 @@ from .model import (
     ConvExperts,
     ExpertParameterReport,
     add_experts,
-    expert_layers,
+    backbone_parameter_count,
     expert_parameter_report,
     fuse_expert,
     merge_experts,
     unmerge_experts,
     unwrap_network,
 )
-from .routing import RoutingError, RoutingPlan, backbone_only, route, set_routing
+from .routing import (
+    RoutedLayer,
+    RoutingError,
+    RoutingPlan,
+    backbone_only,
+    expert_layers,
+    group_by_region,
+    route,
+    set_routing,
+)
 
 __all__ = [
     "ConvExperts",
@@ -32,13 +41,16 @@ __all__ = [
     "ExpertConvTranspose3d",
     "ExpertLayer",
     "ExpertParameterReport",
+    "RoutedLayer",
     "RoutingError",
     "RoutingPlan",
     "add_experts",
     "backbone_only",
+    "backbone_parameter_count",
     "expert_layers",
     "expert_parameter_report",
     "fuse_expert",
+    "group_by_region",
     "merge_experts",
     "route",
     "set_routing",

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layer import EXPERT_CLASS_FOR, ExpertLayer
-from .routing import RoutingError
+from .layer import EXPERT_CLASS_FOR
+from .routing import RoutingError, expert_layers
 
 logger = logging.getLogger("nnunetv2_lorkd")
 
@@ -26,10 +26,6 @@ def unwrap_network(net: nn.Module) -> nn.Module:
         if inner is None:
             return net
         net = inner
-
-
-def expert_layers(net: nn.Module) -> list[ExpertLayer]:
-    return [m for m in net.modules() if isinstance(m, ExpertLayer)]
 
 
 def _replace_by_identity(root: nn.Module, mapping: dict[int, nn.Module]) -> None:
@@ -142,7 +138,9 @@ def fuse_expert(net: nn.Module, region: int) -> nn.Module:
     """A new network of the original architecture with W = W0 + s*dW_region in every expert conv.
 
     The result has the module classes, state_dict keys and shapes of the network before add_experts and
-    runs without this package. Every call recomputes from W0, so switching regions never drifts.
+    runs without this package. It is ``merge_experts`` on a copy followed by unloading every merged layer to
+    its original class (PEFT's merge_and_unload), so in-place merging and fusion share one computation of
+    W0 + s*dW, in float64 from W0: switching regions never drifts.
     """
     net = unwrap_network(net)
     layers = expert_layers(net)
@@ -150,17 +148,19 @@ def fuse_expert(net: nn.Module, region: int) -> nn.Module:
         raise ValueError("fuse_expert: this network has no experts (was add_experts applied?)")
     layers[0]._check_region(region)
     fused = copy.deepcopy(net)
-    _replace_by_identity(fused, {id(m): m.to_plain(region) for m in expert_layers(fused)})
+    merge_experts(fused, region)
+    _replace_by_identity(fused, {id(m): m.to_plain() for m in expert_layers(fused)})
     return fused
 
 
 def merge_experts(net: nn.Module, region: int) -> None:
-    """In place: every expert layer precomputes W0 + dW_region, for fast inference without re-fusing."""
+    """In place: every expert layer holds W0 + s*dW_region, for inference without routing or re-fusing."""
     for layer in expert_layers(net):
         layer.merge(region)
 
 
 def unmerge_experts(net: nn.Module) -> None:
+    """In place: drop the merged weights; the layers route again (and can train)."""
     for layer in expert_layers(net):
         layer.unmerge()
 
@@ -195,6 +195,13 @@ class ExpertParameterReport:
         return "\n".join(rows)
 
 
+def backbone_parameter_count(net: nn.Module) -> int:
+    """Parameters outside the experts: what one fused region network has (every parameter without experts)."""
+    net = unwrap_network(net)
+    expert_ids = {id(p) for layer in expert_layers(net) for p in (*layer.lora_A, *layer.lora_B)}
+    return sum(p.numel() for p in net.parameters() if id(p) not in expert_ids)
+
+
 def expert_parameter_report(net: nn.Module) -> ExpertParameterReport:
     net = unwrap_network(net)
     layers = expert_layers(net)
@@ -203,8 +210,6 @@ def expert_parameter_report(net: nn.Module) -> ExpertParameterReport:
     num = layers[0].num_experts
     if any(layer.num_experts != num for layer in layers):
         raise RoutingError("expert layers disagree on the number of experts")
-    expert_ids = {id(p) for layer in layers for p in (*layer.lora_A, *layer.lora_B)}
-    backbone = sum(p.numel() for p in net.parameters() if id(p) not in expert_ids)
     convs = tuple(
         ConvExperts(
             layer.lorkd_name,
@@ -215,4 +220,4 @@ def expert_parameter_report(net: nn.Module) -> ExpertParameterReport:
         for layer in layers
     )
     per_expert = tuple(sum(c.params_per_expert[t] for c in convs) for t in range(num))
-    return ExpertParameterReport(backbone, per_expert, convs, layers[0].region_names)
+    return ExpertParameterReport(backbone_parameter_count(net), per_expert, convs, layers[0].region_names)

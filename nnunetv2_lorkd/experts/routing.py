@@ -27,6 +27,18 @@ class RoutingError(RuntimeError):
     """Raised when an expert layer cannot know which expert a sample needs."""
 
 
+def group_by_region(region_ids: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """(region, sample positions) for each region present, in region order, positions in batch order.
+
+    The one grouping of a batch by region: routing sorts a batch by it, and callers that handle each region's
+    samples apart (per-task heads, per-region teachers) get the same groups in the same order.
+    """
+    groups: dict[int, list[int]] = {}
+    for position, region in enumerate(region_ids):
+        groups.setdefault(int(region), []).append(position)
+    return sorted(groups.items())
+
+
 @dataclass(frozen=True)
 class RoutingPlan:
     """How one forward pass maps samples to experts.
@@ -62,10 +74,9 @@ class RoutingPlan:
         if len({r for r, _ in runs}) == len(runs):  # every region's samples are contiguous: no gather needed
             regions, sizes = [r for r, _ in runs], [c for _, c in runs]
         else:
-            order = sorted(range(len(ids)), key=lambda i: ids[i])
-            regions = sorted(set(ids))
-            sizes = [ids.count(r) for r in regions]
-            perm = torch.tensor(order, dtype=torch.long)
+            groups = group_by_region(ids)
+            regions, sizes = [r for r, _ in groups], [len(positions) for _, positions in groups]
+            perm = torch.tensor([i for _, positions in groups for i in positions], dtype=torch.long)
             inv_perm = torch.empty_like(perm)
             inv_perm[perm] = torch.arange(len(ids))
         return cls(region_ids=ids, regions=tuple(regions), split_sizes=tuple(sizes), perm=perm, inv_perm=inv_perm)
@@ -107,11 +118,29 @@ class RoutingPlan:
         return self.regions, self.split_sizes
 
 
-def _expert_layers(net: nn.Module) -> list[nn.Module]:
-    from .layer import ExpertLayer
+class RoutedLayer:
+    """Base class of every expert layer: what routing reads and writes on one.
 
-    # modules() de-duplicates aliases and descends into DDP(.module) and torch.compile (._orig_mod) wrappers
-    return [m for m in net.modules() if isinstance(m, ExpertLayer)]
+    Routing finds layers by this class, so it never imports the layer module (which imports this one).
+    """
+
+    routing_plan: RoutingPlan | None
+    region_names: tuple[str, ...] | None
+    lora_A: nn.ParameterList
+    lora_B: nn.ParameterList
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.lora_A)
+
+
+def expert_layers(net: nn.Module) -> list[RoutedLayer]:
+    """Every expert layer of ``net`` once, in module order.
+
+    ``modules()`` de-duplicates aliases (``.conv`` / ``.all_modules.0``) and descends into DDP (``.module``) and
+    torch.compile (``._orig_mod``) wrappers.
+    """
+    return [m for m in net.modules() if isinstance(m, RoutedLayer)]
 
 
 def _as_plan(
@@ -162,7 +191,7 @@ class _TouchParameters(torch.autograd.Function):
         return (None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
 
 
-def _absent_expert_parameters(layers: Sequence[nn.Module], plan: RoutingPlan) -> list[torch.Tensor]:
+def _absent_expert_parameters(layers: Sequence[RoutedLayer], plan: RoutingPlan) -> list[torch.Tensor]:
     if plan.backbone_only:
         present: set[int] = set()
     elif plan.broadcast is not None:
@@ -195,7 +224,7 @@ class _ForwardHooks:
     """Network-level work of one routed forward: sort the batch by region once, restore the caller's order
     on the outputs, and keep absent experts in the autograd graph during training."""
 
-    def __init__(self, layers: list[nn.Module], plan: RoutingPlan, touch_absent: bool | None) -> None:
+    def __init__(self, layers: list[RoutedLayer], plan: RoutingPlan, touch_absent: bool | None) -> None:
         self.layers = layers
         self.plan = plan
         self.grouped = plan.grouped()
@@ -243,7 +272,7 @@ class _ForwardHooks:
 
 @contextlib.contextmanager
 def _installed(net: nn.Module, plan_for: object, touch_absent: bool | None) -> Iterator[None]:
-    layers = _expert_layers(net)
+    layers = expert_layers(net)
     if not layers:
         raise RoutingError("this network has no expert layers; call add_experts(net, ...) first")
     plan = plan_for(layers[0]) if callable(plan_for) else plan_for
@@ -268,7 +297,7 @@ def set_routing(net: nn.Module, region_ids: int | Sequence[int] | torch.Tensor |
     It installs no forward hooks: use it for inference. In training use :func:`route`, which also keeps
     the experts of absent regions in the graph (DDP) and sorts interleaved batches once.
     """
-    layers = _expert_layers(net)
+    layers = expert_layers(net)
     if not layers:
         raise RoutingError("this network has no expert layers; call add_experts(net, ...) first")
     plan = None if region_ids is None else _as_plan(region_ids, layers[0].num_experts, layers[0].region_names)
@@ -292,7 +321,7 @@ def route(
     work for them).
     """
 
-    def plan_for(layer: nn.Module) -> RoutingPlan:
+    def plan_for(layer: RoutedLayer) -> RoutingPlan:
         return _as_plan(region_ids, layer.num_experts, layer.region_names)
 
     return _installed(net, plan_for, touch_absent_experts)

@@ -20,7 +20,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,9 +32,10 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2, nnUNetDatasetNumpy
 
+from nnunetv2_lorkd.files import atomic_path, write_json
 from nnunetv2_lorkd.kd.config import TeacherRef
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
-from nnunetv2_lorkd.kd.teacher import _inference, check_probabilities
+from nnunetv2_lorkd.kd.teacher_inference import _inference, check_probabilities
 from nnunetv2_lorkd.teachers import Teacher
 
 CACHE_ROOT = "lorkd_kd_cache"
@@ -185,22 +185,15 @@ def write_case_file(folder: str, case: str, encoded: np.ndarray, patch_size: Seq
         raise ValueError(f"soft labels must be (K, z, y, x) like nnU-Net's preprocessed cases, got {encoded.shape}")
     blocks, chunks = comp_blosc2_params(encoded.shape, tuple(patch_size), bytes_per_pixel=encoded.itemsize)
     final = os.path.join(folder, case + ".b2nd")
-    fd, tmp = tempfile.mkstemp(prefix=f".{case}.", suffix=".b2nd", dir=folder)
-    os.close(fd)
-    os.remove(tmp)  # blosc2 creates the file itself
-    try:
+    with atomic_path(final, suffix=".b2nd") as tmp:
+        tmp.unlink()  # blosc2 creates the file itself
         blosc2.asarray(
             np.ascontiguousarray(encoded),
-            urlpath=tmp,
+            urlpath=str(tmp),
             chunks=chunks,
             blocks=blocks,
             cparams={"codec": blosc2.Codec.ZSTD, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 2},
         )
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return final
 
 
@@ -216,10 +209,7 @@ def read_manifest(folder: str) -> dict | None:
 
 
 def write_manifest(folder: str, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
+    write_json(os.path.join(folder, MANIFEST), manifest)
 
 
 @dataclass(frozen=True)

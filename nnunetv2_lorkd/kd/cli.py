@@ -56,9 +56,9 @@ from nnunetv2_lorkd.kd.config import (
     settings_for,
     write_settings,
 )
-from nnunetv2_lorkd.kd.folds import ALLOW_FLAG, preview_student_folds
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
-from nnunetv2_lorkd.kd.teacher import (
+from nnunetv2_lorkd.kd.teacher_folds import ALLOW_FLAG, preview_student_folds
+from nnunetv2_lorkd.kd.teacher_inference import (
     batch_probabilities,
     check_probabilities,
     check_teacher_classes,

@@ -22,7 +22,7 @@ It lives next to the plans in ``$nnUNet_preprocessed/DatasetXXX_NAME/`` and is w
 A configuration without an entry trains without KD (and says so in the training log).
 
 ``allow_teacher_fold_overlap`` (default false; ``lorkd-kd set --allow-teacher-fold-overlap``): training starts even
-if the teacher was trained on the student fold's validation cases (see :mod:`nnunetv2_lorkd.kd.folds`), with a
+if the teacher was trained on the student fold's validation cases (see :mod:`nnunetv2_lorkd.kd.teacher_folds`), with a
 WARNING naming them in the training log; by default such a run is refused.
 """
 
@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+
+from nnunetv2_lorkd.files import write_json
 
 CONFIG_FILE = "lorkd_kd.json"
 SCHEMA_VERSION = 1
@@ -85,7 +86,7 @@ class KDSettings:
     weight: float = DEFAULT_WEIGHT
     temperature: float = DEFAULT_TEMPERATURE
     teacher_exclusive: bool | None = None  # what the teacher said when it was checked (informational)
-    # train even if the teacher saw the student's validation cases (warned in the log); see kd/folds.py
+    # train even if the teacher saw the student's validation cases (warned in the log); see kd/teacher_folds.py
     allow_teacher_fold_overlap: bool = False
 
     def __post_init__(self) -> None:
@@ -190,26 +191,12 @@ def settings_for(preprocessed_dataset_folder: str, configuration: str, plans: st
     return settings
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".lorkd_kd.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_settings(preprocessed_dataset_folder: str, configuration: str, settings: KDSettings) -> str:
     """Add or replace one configuration's entry (other configurations are kept); atomic."""
     existing = read_config(preprocessed_dataset_folder) or {}
     existing[configuration] = settings
     path = config_path(preprocessed_dataset_folder)
-    write_json_atomic(
+    write_json(
         path,
         {"version": SCHEMA_VERSION, "configurations": {k: v.to_json() for k, v in sorted(existing.items())}},
     )
@@ -229,7 +216,7 @@ def remove_settings(preprocessed_dataset_folder: str, configuration: str | None 
         return False
     del existing[configuration]
     if existing:
-        write_json_atomic(
+        write_json(
             path, {"version": SCHEMA_VERSION, "configurations": {k: v.to_json() for k, v in sorted(existing.items())}}
         )
     else:

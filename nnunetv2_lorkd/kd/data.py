@@ -11,8 +11,7 @@ distribution to each output), so the batch carries them at full patch resolution
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -36,7 +35,8 @@ class CachedSoftLabels:
 
 class KDDataLoader(RegionBalancedDataLoader):
     """nnU-Net's (region-balanced) training loader; when its dataset carries ``lorkd_soft_labels`` every batch
-    also holds ``batch[SOFT_LABEL_KEY]``: (B, max_classes, *patch) float32 teacher probabilities."""
+    also holds ``batch[SOFT_LABEL_KEY]``: (B, max_classes, *patch) float32 teacher probabilities. A trainer that
+    distils from cached soft labels builds it through its ``_data_loader_class`` hook (trainers/lorkd.py)."""
 
     def __init__(self, data, *args, **kwargs):
         super().__init__(data, *args, **kwargs)
@@ -83,16 +83,3 @@ class KDDataLoader(RegionBalancedDataLoader):
             for j, soft in enumerate(softs):
                 probs[j, : soft.shape[0]] = soft
         return {"data": torch.stack(images), "target": target, "keys": keys, SOFT_LABEL_KEY: probs}
-
-
-@contextlib.contextmanager
-def kd_loaders() -> Iterator[None]:
-    """While active, nnU-Net's get_dataloaders builds KDDataLoader (region-balanced, soft-label aware)."""
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-
-    original = trainer_module.nnUNetDataLoader
-    trainer_module.nnUNetDataLoader = KDDataLoader
-    try:
-        yield
-    finally:
-        trainer_module.nnUNetDataLoader = original

@@ -4,26 +4,25 @@ The trainer reads the dataset's ``lorkd_kd.json`` when it is created (:meth:`Dis
 no entry for its configuration means no KD, logged explicitly), wraps its segmentation loss
 (:meth:`Distillation.wrap_loss`), prepares the teacher or the cache when training starts
 (:meth:`Distillation.prepare`, which raises for a missing or stale cache, or a teacher trained on the student's
-validation cases (:mod:`nnunetv2_lorkd.kd.folds`), before any step), and asks for each batch's teacher
+validation cases (:mod:`nnunetv2_lorkd.kd.teacher_folds`), before any step), and asks for each batch's teacher
 probabilities (:meth:`Distillation.batch_probabilities`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from nnunetv2_lorkd.files import write_json
 from nnunetv2_lorkd.kd.cache import SoftLabelCache, cache_folder, dataset_class_of, teacher_identity, verify_cache
 from nnunetv2_lorkd.kd.config import KDSettings, config_path, settings_for
 from nnunetv2_lorkd.kd.data import SOFT_LABEL_KEY, CachedSoftLabels
-from nnunetv2_lorkd.kd.folds import enforce_teacher_fold
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
 from nnunetv2_lorkd.kd.loss import DistillationLoss, SegmentationDistillationLoss
-from nnunetv2_lorkd.kd.teacher import batch_probabilities, check_teacher_classes, load_configured_teacher
+from nnunetv2_lorkd.kd.teacher_folds import enforce_teacher_fold
+from nnunetv2_lorkd.kd.teacher_inference import batch_probabilities, check_teacher_classes, load_configured_teacher
 from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss
 from nnunetv2_lorkd.regions import RegionMap
 from nnunetv2_lorkd.teachers import Teacher, TeacherError
@@ -126,7 +125,7 @@ class Distillation:
         fold: int | str | None = None,
     ) -> str:
         """Before the first step: refuse a teacher trained on the student's validation cases (``validation_cases``
-        and ``fold`` of this run; see :mod:`nnunetv2_lorkd.kd.folds`), then load the teacher (online; refused if
+        and ``fold`` of this run; see :mod:`nnunetv2_lorkd.kd.teacher_folds`), then load the teacher (online; refused if
         its preprocessing differs from ``student``, a teachers.PreprocessingSpec) or check the cache and hand it to
         the training dataset (cached). Returns log text."""
         s = self.settings
@@ -198,7 +197,7 @@ class Distillation:
             if probs is None:
                 raise RuntimeError(
                     "KD mode is 'cached' but the training batch has no soft labels: the training data loader is not "
-                    "the KD loader (get_dataloaders must run inside kd_loaders())"
+                    "the KD loader (nnUNetTrainerLoRKD._data_loader_class must return KDDataLoader in cached mode)"
                 )
             return probs.to(data.device, non_blocking=True)
         if self.teacher is None:
@@ -215,10 +214,4 @@ class Distillation:
             "cache_folder": self.cache_folder if self.cached else None,
             "classes_per_region": dict(zip(self.layout.region_names, map(list, self.layout.class_names), strict=True)),
         }
-        os.makedirs(output_folder, exist_ok=True)
-        path = os.path.join(output_folder, RECORD_FILE)
-        fd, tmp = tempfile.mkstemp(prefix=".lorkd_kd.", suffix=".tmp", dir=output_folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
-        return path
+        return str(write_json(os.path.join(output_folder, RECORD_FILE), record))

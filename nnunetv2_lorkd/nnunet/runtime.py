@@ -1,21 +1,23 @@
-"""Pieces the LoRKD trainer plugs into nnU-Net's loop: balanced sampling, per-case routing during the final
-validation, restricting outputs to a region's classes, and the per-region validation summary."""
+"""Pieces the region-aware trainers (trainers/region_aware.py) plug into nnU-Net's loop: balanced sampling, the
+data-loader swap, restricting outputs to a region's classes, and the per-region validation summary."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, nnUNetDatasetNumpy
 from torch import nn
 
 from nnunetv2_lorkd.experts import unwrap_network
 from nnunetv2_lorkd.regions import RegionMap
+
+# the logging key of the per-region pseudo-Dice of every epoch (nnunetv2_lorkd.demo.curves reads it from checkpoints)
+REGION_DICE_KEY = "lorkd_region_dice"
 
 # classes outside the routed region get (lowest allowed logit - this margin) per voxel: argmax never picks
 # them, softmax gives them < 1e-21, and the values stay in the range of real logits, so nnU-Net's
@@ -47,51 +49,20 @@ class RegionBalancedDataLoader(nnUNetDataLoader):
 
 
 @contextlib.contextmanager
-def balanced_loaders() -> Iterator[None]:
-    """While active, nnU-Net's get_dataloaders builds RegionBalancedDataLoader instead of nnUNetDataLoader."""
+def nnunet_data_loader(loader_class: type[nnUNetDataLoader]) -> Iterator[None]:
+    """While active, nnU-Net's get_dataloaders builds ``loader_class`` instead of nnUNetDataLoader.
+
+    nnU-Net 2.8.1 names nnUNetDataLoader inside get_dataloaders (a global of its trainer module) and takes no loader
+    class, so swapping that global for the duration of the call is the only way in short of copying the method.
+    The one place that swaps it: RegionAwareTrainer.get_dataloaders (trainers/region_aware.py)."""
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
 
     original = trainer_module.nnUNetDataLoader
-    trainer_module.nnUNetDataLoader = RegionBalancedDataLoader
+    trainer_module.nnUNetDataLoader = loader_class
     try:
         yield
     finally:
         trainer_module.nnUNetDataLoader = original
-
-
-# ---------------------------------------------------------------------------------- final validation
-_case_hook: Callable[[str], None] | None = None
-
-
-class _RoutedCases:
-    """Calls the active case hook before a case is loaded; nnU-Net's final validation predicts each case
-    right after loading it, so the hook can route the network to that case's region."""
-
-    def load_case(self, identifier: str):
-        if _case_hook is not None:
-            _case_hook(identifier)
-        return super().load_case(identifier)  # type: ignore[misc]
-
-
-class RoutedDatasetBlosc2(_RoutedCases, nnUNetDatasetBlosc2):
-    pass
-
-
-class RoutedDatasetNumpy(_RoutedCases, nnUNetDatasetNumpy):
-    pass
-
-
-ROUTED_DATASET_FOR = {nnUNetDatasetBlosc2: RoutedDatasetBlosc2, nnUNetDatasetNumpy: RoutedDatasetNumpy}
-
-
-@contextlib.contextmanager
-def case_hook(hook: Callable[[str], None]) -> Iterator[None]:
-    global _case_hook
-    previous, _case_hook = _case_hook, hook
-    try:
-        yield
-    finally:
-        _case_hook = previous
 
 
 class OutputRestriction:

@@ -12,7 +12,6 @@ context outside the patch, so a "resampled" teacher would silently see other inp
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..files import read_json
 from .base import Teacher, TeacherError, match_class_names
 
 # nnU-Net's normalisation schemes that use only the image itself; every other scheme (CTNormalization, custom
@@ -365,13 +365,7 @@ def _label_names(dataset_json: Mapping) -> tuple[str, ...]:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise TeacherError(f"{path} is missing; is this a trained nnU-Net model folder?") from None
-    except json.JSONDecodeError as error:
-        raise TeacherError(f"{path} is not valid JSON ({error})") from None
+    return read_json(path, TeacherError, missing_hint="is this a trained nnU-Net model folder?")
 
 
 def _read_checkpoint(path: str) -> dict:

@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
+from nnunetv2_lorkd.folds import region_stratified_splits, splits_for_cases, stratified_splits_with_warnings
 from nnunetv2_lorkd.regions import RegionMap
-from nnunetv2_lorkd.splits import region_stratified_splits, splits_for_cases, stratified_splits_with_warnings
 
 
 def _cases(sizes: dict[int, int]) -> dict[str, int]:
@@ -63,7 +63,7 @@ def test_deterministic_and_order_independent() -> None:
 
 def test_single_case_region_trains_in_every_fold_and_warns(caplog: pytest.LogCaptureFixture) -> None:
     case_regions = {**_cases({0: 6}), "lonely": 1}
-    with caplog.at_level(logging.WARNING, logger="nnunetv2_lorkd.splits"):
+    with caplog.at_level(logging.WARNING, logger="nnunetv2_lorkd.folds"):
         splits = region_stratified_splits(case_regions, num_folds=3)
     _check_partition(splits, case_regions)
     assert all("lonely" in f["train"] and "lonely" not in f["val"] for f in splits)

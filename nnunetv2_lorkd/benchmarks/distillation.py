@@ -1,6 +1,6 @@
 """What distillation costs per training step: no KD vs online teacher vs cached soft labels, side by side.
 
-``python -m nnunetv2_lorkd.kd.bench [--device cuda|cpu] [--teacher MODEL_FOLDER] [--quick]``
+``python -m nnunetv2_lorkd.benchmarks.distillation [--device cuda|cpu] [--teacher MODEL_FOLDER] [--quick]``
 
 Everything runs in one process on a synthetic nnU-Net-preprocessed dataset (blosc2 cases in a temp folder):
 
@@ -32,23 +32,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunetv2_lorkd.bench import ForeignLoad, machine_description, time_interleaved
-from nnunetv2_lorkd.experts import add_experts, route
-from nnunetv2_lorkd.kd.cache import CacheSpec, CaseJob, SoftLabelCache, build_cache, source_file
-from nnunetv2_lorkd.kd.data import SOFT_LABEL_KEY, CachedSoftLabels, KDDataLoader
-from nnunetv2_lorkd.kd.layout import RegionClassLayout
-from nnunetv2_lorkd.kd.loss import DistillationLoss, SegmentationDistillationLoss
-from nnunetv2_lorkd.kd.teacher import batch_probabilities, freeze_teacher
-from nnunetv2_lorkd.losses import DeepSupervisionPartialLoss, PartialLabelDiceCELoss
-from nnunetv2_lorkd.nnunet.runtime import region_balanced_probabilities
-from nnunetv2_lorkd.regions import RegionMap
-from nnunetv2_lorkd.teachers import Teacher
+from ..experts import add_experts, route
+from ..kd.cache import CacheSpec, CaseJob, SoftLabelCache, build_cache, source_file
+from ..kd.data import SOFT_LABEL_KEY, CachedSoftLabels, KDDataLoader
+from ..kd.layout import RegionClassLayout
+from ..kd.loss import DistillationLoss, SegmentationDistillationLoss
+from ..kd.teacher_inference import batch_probabilities, freeze_teacher
+from ..losses import DeepSupervisionPartialLoss, PartialLabelDiceCELoss
+from ..nnunet.runtime import region_balanced_probabilities
+from ..regions import RegionMap
+from ..teachers import Teacher
+from .common import ForeignLoad, machine_description, plain_conv_unet, time_interleaved
 
 TARGET = 1.15  # cached KD step time <= 1.15x no-KD
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """One size of the benchmark: the student's U-Net, its patch and the synthetic cases it is cut from."""
+
     features: tuple[int, ...]
     patch: int
     case_shape: tuple[int, int, int]
@@ -72,36 +74,14 @@ CONFIGS = {
 DEFAULT_CLASSES = (("liver", "spleen"), ("urinary_bladder", "femur_left", "femur_right"), ("lung",))
 
 
-def build_unet(features: Sequence[int], in_channels: int, num_classes: int, deep_supervision: bool) -> nn.Module:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    return PlainConvUNet(
-        input_channels=in_channels,
-        n_stages=len(features),
-        features_per_stage=list(features),
-        conv_op=nn.Conv3d,
-        kernel_sizes=3,
-        strides=[1] + [2] * (len(features) - 1),
-        n_conv_per_stage=2,
-        num_classes=num_classes,
-        n_conv_per_stage_decoder=2,
-        conv_bias=True,
-        norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=deep_supervision,
-    )
-
-
 def synthetic_teacher(cfg: BenchConfig, class_names: Sequence[str], device: torch.device) -> Teacher:
     """An nnU-Net-model teacher (softmax over background + classes) with the student's U-Net."""
-    from nnunetv2_lorkd.teachers import NNUNetModelTeacher, PreprocessingSpec
+    from ..teachers import NNUNetModelTeacher, PreprocessingSpec
 
     spec = PreprocessingSpec(
         "benchmark", (1.0, 1.0, 1.0), (0, 1, 2), 1, ("ZScoreNormalization",), (False,), (None,), ""
     )
-    network = build_unet(cfg.features, 1, len(class_names) + 1, deep_supervision=False)
+    network = plain_conv_unet(cfg.features, 1, len(class_names) + 1, deep_supervision=False)
     stride = 2 ** (len(cfg.features) - 1)
     return NNUNetModelTeacher(network, class_names, spec, (stride,) * 3, "benchmark teacher").to(device)
 
@@ -192,9 +172,10 @@ def train_step_fn(student: nn.Module, loss: nn.Module, device: torch.device, tea
 
 def run(device: torch.device, cfg: BenchConfig, repeats: int, warmup: int, teacher_folder: str | None,
         teacher_fold: str, log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Time the three steps and the two loaders, interleaved in one process so that drift hits them alike."""
     torch.manual_seed(0)
     if teacher_folder:
-        from nnunetv2_lorkd.teachers import load_teacher
+        from ..teachers import load_teacher
 
         teacher = load_teacher(teacher_folder, teacher_fold, device=device)
         names = list(teacher.class_names)
@@ -239,7 +220,7 @@ def run(device: torch.device, cfg: BenchConfig, repeats: int, warmup: int, teach
             return batch
 
         pools = {"plain": [load(plain_loader) for _ in range(4)], "cached": [load(kd_loader) for _ in range(4)]}
-        student = add_experts(build_unet(cfg.features, channels, len(labels), True), len(groups),
+        student = add_experts(plain_conv_unet(cfg.features, channels, len(labels)), len(groups),
                               report=lambda _: None).to(device).train()  # fmt: skip
         weights = [1 / 2**i for i in range(len(cfg.features) - 1)]
         weights[-1] = 0
@@ -295,21 +276,20 @@ def run(device: torch.device, cfg: BenchConfig, repeats: int, warmup: int, teach
             warmup,
             min_sample_s=0.0,
         )
-        during = foreign.during()
-    load_note = foreign.describe(during)
-    warning = foreign.warning(during)
+        load_note = foreign.note()
     return {
         "timings": timings,
         "cache_s_per_case": cache_s,
         "teacher": teacher_note,
         "machine": machine_description(device),
-        "load": load_note + (f". {warning}" if warning else ""),
+        "load": load_note,
         "config": cfg.describe(),
         "repeats": repeats,
     }
 
 
 def report(result: dict) -> str:
+    """The markdown table of docs/benchmarks.md: step and single-process total, both relative to no KD."""
     t = result["timings"]
     data = {"no KD": t["data: without soft labels"], "online KD": t["data: without soft labels"],
             "cached KD": t["data: with cached soft labels"]}  # fmt: skip
@@ -340,7 +320,9 @@ def report(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nnunetv2_lorkd.kd.bench", description=__doc__.split("\n\n")[0])
+    """Run the benchmark and print the report; returns the exit code."""
+    prog = "python -m nnunetv2_lorkd.benchmarks.distillation"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 15 CPU, 40 GPU)")
     parser.add_argument("--warmup", type=int, default=2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,43 +18,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import write_json, write_text
-from .data import TaskData, assemble_split, check_unique_names, common_geometry, iterate_batches
-from .export import export_fused_models, load_exported
-from .metrics import classification_metrics
-from .models import FrozenTeacher, MultiTaskClassifier, make_config
-from .train import TrainSettings, evaluate_split, save_checkpoint, settings_dict, train_model
+from ..classification.data import TaskData, assemble_split, check_unique_names, common_geometry
+from ..classification.export import export_fused_models, load_exported
+from ..classification.models import FrozenTeacher, MultiTaskClassifier, make_config
+from ..classification.train import (
+    TrainSettings,
+    evaluate_plain,
+    evaluate_split,
+    save_checkpoint,
+    settings_dict,
+    train_model,
+)
+from ..files import write_json, write_text
+from .common import cpu_model
 
 
-def cpu_name() -> str:
-    """The processor's model name from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description(device: torch.device) -> str:
+def _machine(device: torch.device) -> str:
+    """The short machine line of benchmark.md (what the training time depends on: device, cores, threads)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu_name()}, {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
-@torch.no_grad()
-def evaluate_plain(
-    module: torch.nn.Module, task: TaskData, channels: int, size: int, device: torch.device, split: str = "test"
-) -> dict[str, float]:
-    """ACC/AUC of a plain single-task module (e.g. an exported fused model) on one split of its task."""
-    data = assemble_split([task], split, channels, size)
-    module = module.to(device)
-    probs = [np.zeros((0, task.num_classes), np.float32)]
-    for idx in iterate_batches(len(data), 512, shuffle=False):
-        probs.append(torch.softmax(module(data.images[idx].float().to(device)), 1).cpu().numpy())
-    return classification_metrics(data.labels.numpy(), np.concatenate(probs))
+    return f"{cpu_model()}, {cores} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def _fmt(value: float) -> str:
@@ -215,7 +198,7 @@ def run_benchmark(
     results = {
         "tasks": names,
         "test_sizes": {t.name: len(t.splits["test"]) for t in tasks},
-        "machine": machine_description(device),
+        "machine": _machine(device),
         "device": str(device),
         "settings": {**settings_dict(base), "teacher_epochs": teacher_epochs, "rank": rank, "alpha": alpha},
         "rows": rows,

@@ -12,7 +12,7 @@ dataset from per-region datasets (or from one dataset whose labels are split int
 - the ``lorkd`` section (see :mod:`nnunetv2_lorkd.regions`) lists the regions in command-line order (= expert
   index), each with its label names, the region of every case and its source (``case_sources``:
   ``DatasetXXX_Input/<case>``, or the input's own record of it).
-- a region-stratified ``splits_final.json`` (:mod:`nnunetv2_lorkd.splits`) is written to
+- a region-stratified ``splits_final.json`` (:mod:`nnunetv2_lorkd.folds`) is written to
   ``$nnUNet_preprocessed/DatasetXXX_NAME/`` when that variable is set, and always as
   ``splits_final.json`` into the raw dataset folder. Cases with the same source (split mode: ``c0_abdomen``
   and ``c0_pelvis``) are one group there: they are validated in the same fold and never split between the
@@ -33,7 +33,6 @@ the target and renamed into place at the end, so a failed run leaves no output b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import secrets
@@ -46,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import read_json, write_json
+from .folds import stratified_splits_with_warnings
 from .regions import Region, RegionMap, RegionMapError, parse_case_sources
-from .splits import stratified_splits_with_warnings
 
 _REGION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -233,22 +233,8 @@ def _resolve_dataset(token: str, raw: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- loading inputs
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
-    if dupes:
-        raise MergeError(f"key(s) {dupes} appear twice in the same JSON object")
-    return dict(pairs)
-
-
 def _load_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f, object_pairs_hook=_no_duplicate_keys)
-    except MergeError as e:
-        raise MergeError(f"{path}: {e}; keep one of them") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise MergeError(f"cannot read {path}: {e}; fix the file") from None
+    return read_json(path, MergeError, reject_duplicate_keys=True)
 
 
 def _check_labels(name: str, labels: object) -> tuple[dict[str, int], int | None]:
@@ -698,12 +684,6 @@ def merge_datasets(
     )
 
 
-def _dump(obj: object, path: Path) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def _write(
     target: Path,
     dataset_json: dict,
@@ -728,8 +708,8 @@ def _write(
         tmp.mkdir()
         (tmp / "labelsTr").mkdir()
         _run_jobs([(src, str(tmp / rel), *rest) for src, rel, *rest in jobs], num_processes)
-        _dump(dataset_json, tmp / "dataset.json")
-        _dump(splits, tmp / SPLITS_COPY_NAME)
+        write_json(tmp / "dataset.json", dataset_json)
+        write_json(tmp / SPLITS_COPY_NAME, splits)
         if pre_dir is not None and pre_tmp is not None:
             created_pre_dir = not pre_dir.exists()
             if not created_pre_dir and any(p.name != "splits_final.json" for p in pre_dir.iterdir()):
@@ -738,7 +718,7 @@ def _write(
                     "nnUNetv2_plan_and_preprocess before training"
                 )
             pre_dir.mkdir(parents=True, exist_ok=True)
-            _dump(splits, pre_tmp)
+            write_json(pre_tmp, splits)
         if target.exists():
             if not overwrite:  # appeared while we were working
                 raise MergeError(

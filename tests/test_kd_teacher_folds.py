@@ -12,13 +12,13 @@ from kd_toy import CASES, DATASET, TRAIN, VAL, FakeTeacher, nnunet_env, patch_lo
 
 from nnunetv2_lorkd.kd.cli import main
 from nnunetv2_lorkd.kd.config import KDConfigError, KDSettings, TeacherRef, read_config
-from nnunetv2_lorkd.kd.folds import (
+from nnunetv2_lorkd.kd.session import Distillation
+from nnunetv2_lorkd.kd.teacher_folds import (
     TeacherFoldOverlapError,
     check_teacher_fold,
     enforce_teacher_fold,
     teacher_training,
 )
-from nnunetv2_lorkd.kd.session import Distillation
 from nnunetv2_lorkd.regions import RegionMap
 
 CLASSES = ("liver", "spleen", "urinary_bladder")

@@ -1,14 +1,15 @@
 """Speed of LoRKD expert convolutions next to a plain conv, the official EKS scheme and a per-sample loop.
 
-Run ``lorkd-bench`` (or ``python -m nnunetv2_lorkd.bench``). All variants of one configuration are timed in
-the same process and interleaved (the order rotates every repeat), so slow drift (clocks, caches) hits every
-variant alike; each time is forward + backward (or a whole SGD step), and the median over repeats is reported
-after warm-up calls. Other processes competing for the CPU still distort the ratios, so the run reports the
+Run ``lorkd-bench`` (or ``python -m nnunetv2_lorkd.benchmarks.experts``). All variants of one configuration
+are timed in the same process and interleaved (the order rotates every repeat), so slow drift (clocks, caches)
+hits every variant alike; each time is forward + backward (or a whole SGD step), and the median over repeats
+is reported after warm-up calls. Other processes competing for the CPU still distort the ratios, so the run reports the
 CPU they took.
 
-The "official-style" variant is a reimplementation, from the description in lorkd-method.md §2.2, of the
-scheme in the LoRKD reference code: build every expert's delta on every call, aggregate one weight per
-sample, run a single grouped convolution with ``groups = batch``. It is fixed to accept ``bias=None``.
+The "official-style" variant is a reimplementation of the efficient-knowledge-separation scheme in the
+public LoRKD reference code (read from that code, not copied): build every expert's delta on every call,
+aggregate one weight per sample, run a single grouped convolution with ``groups = batch``. It is fixed to
+accept ``bias=None``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
-import math
-import os
-import platform
 import random
-import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import ExpertLayer, add_experts, expert_layers, route
+from ..experts import ExpertLayer, add_experts, expert_layers, route
+from ..files import write_text
+from .common import (
+    QUICK_HELP,
+    TARGET_NET_RATIO,
+    ForeignLoad,
+    Row,
+    Section,
+    TargetResult,
+    add_device_argument,
+    command_line,
+    cuda_missing,
+    machine_description,
+    markdown_section,
+    plain_conv_unet,
+    positive_int,
+    print_section,
+    time_interleaved,
+)
 
-# the targets of the "core" issue; they are defined on the full (non-quick) sizes below
+# the targets of the "core" issue (and common.TARGET_NET_RATIO); they are defined on the full (non-quick) sizes below
 TARGET_CONV_RATIO = 1.10  # expert conv / plain conv, CPU and GPU
 TARGET_OFFICIAL_SPEEDUP = 1.5  # official-style / ours, 2D, batch 64, T = 8
-TARGET_NET_RATIO = {"cpu": 1.10, "cuda": 1.05}  # routed U-Net training step / plain U-Net step
 
 GPU_PLACEHOLDER = "GPU: not yet measured"
 
@@ -178,119 +189,7 @@ def mixed_region_ids(batch: int, experts: int, seed: int = 0) -> list[int]:
     return ids
 
 
-# ------------------------------------------------------------------------------------------------ timing
-@dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call of one variant over the timed repeats."""
-
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    samples: int
-    values_ms: tuple[float, ...] = ()  # the per-repeat times, in repeat order (for ratio intervals)
-
-
-def _summarise(samples_ms: list[float]) -> Timing:
-    med = statistics.median(samples_ms)
-    if len(samples_ms) >= 2:
-        q = statistics.quantiles(samples_ms, n=4, method="inclusive")
-        return Timing(med, q[0], q[2], len(samples_ms), tuple(samples_ms))
-    return Timing(med, med, med, len(samples_ms), tuple(samples_ms))
-
-
-def ratio_interval(
-    numerator: Timing, denominator: Timing, level: float = 0.9, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float] | None:
-    """Bootstrap interval of median(numerator) / median(denominator) over the timed repeats.
-
-    One run's ratio moves by a few percent from repeat noise alone, which decides a verdict near a limit;
-    the interval says how far. Repeats are resampled in pairs (the same repeat index for both variants),
-    because ``time_interleaved`` times every variant once per repeat and slow spells hit both alike.
-    ``None`` when there are fewer than 5 paired repeats to resample.
-    """
-    num, den = numerator.values_ms, denominator.values_ms
-    n = len(num)
-    if n < 5 or len(den) != n:
-        return None
-    rng = random.Random(seed)
-    ratios = []
-    for _ in range(resamples):
-        picks = [rng.randrange(n) for _ in range(n)]
-        ratios.append(statistics.median(num[i] for i in picks) / statistics.median(den[i] for i in picks))
-    ratios.sort()
-    tail = (1.0 - level) / 2
-    return ratios[int(tail * (resamples - 1))], ratios[math.ceil((1.0 - tail) * (resamples - 1))]
-
-
-def time_interleaved(
-    variants: dict[str, Callable[[], None]],
-    device: torch.device,
-    repeats: int,
-    warmup: int,
-    min_sample_s: float = 0.02,
-) -> dict[str, Timing]:
-    """Median time per call of each variant; variants alternate so that drift affects all of them alike.
-
-    After `warmup` calls of each variant (cuDNN autotuning, allocator caches), each variant gets an inner
-    call count so that one sample lasts at least `min_sample_s` (GPU calls are far shorter than timer and
-    launch noise). Every repeat then runs each variant once, in an order rotated by one per repeat.
-    """
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    names = list(variants)
-    inner: dict[str, int] = {}
-    for name in names:
-        for _ in range(max(warmup, 1)):
-            variants[name]()
-        sync()
-        start = time.perf_counter()
-        variants[name]()
-        sync()
-        once = time.perf_counter() - start
-        inner[name] = max(1, min(100, math.ceil(min_sample_s / max(once, 1e-9))))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            fn, n = variants[name], inner[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3 / n)
-    return {n: _summarise(samples[n]) for n in names}
-
-
 # ---------------------------------------------------------------------------------------- the benchmarks
-@dataclass(frozen=True)
-class Row:
-    """One line of a result table."""
-
-    variant: str
-    timing: Timing
-
-
-@dataclass
-class Section:
-    """A result table: its configuration line and its rows; ratios are taken against `reference`."""
-
-    title: str
-    config: str
-    rows: list[Row]
-    reference: str
-    ours: str
-
-    def ms(self, variant: str) -> float:
-        return self.timing(variant).median_ms
-
-    def timing(self, variant: str) -> Timing:
-        return next(r.timing for r in self.rows if r.variant == variant)
-
-
 PLAIN, OURS_IN_NET, OURS, OFFICIAL, OFFICIAL_MM, LOOP = (
     "plain conv",
     "ours, inside a network (batch grouped once by route)",
@@ -381,26 +280,8 @@ def bench_conv(
 
 
 def build_unet(cfg: NetConfig) -> nn.Module:
-    """The dynamic-network-architectures PlainConvUNet of `cfg` (nnU-Net's 3d_fullres layout)."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    return PlainConvUNet(
-        input_channels=cfg.in_channels,
-        n_stages=cfg.stages,
-        features_per_stage=cfg.features,
-        conv_op=nn.Conv3d,
-        kernel_sizes=3,
-        strides=[1] + [2] * (cfg.stages - 1),
-        n_conv_per_stage=2,
-        num_classes=cfg.num_classes,
-        n_conv_per_stage_decoder=2,
-        conv_bias=True,
-        norm_op=nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=True,
-    )
+    """The PlainConvUNet of `cfg` (nnU-Net's 3d_fullres layout)."""
+    return plain_conv_unet(cfg.features, cfg.in_channels, cfg.num_classes)
 
 
 def bench_network(
@@ -442,135 +323,6 @@ def bench_network(
 
 
 # ------------------------------------------------------------------------------------------------ report
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, or what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_busy_fraction(window_s: float = 1.0) -> float | None:
-    """The share of all cores busy during `window_s` (from /proc/stat): before we start, that is others."""
-
-    def read() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
-
-    try:
-        total0, idle0 = read()
-        time.sleep(window_s)
-        total1, idle1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def _cpu_ticks_by_pid() -> dict[int, int]:
-    ticks = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
-        except (OSError, ValueError, IndexError):
-            continue
-    return ticks
-
-
-class ForeignLoad:
-    """CPU time that other processes take while the benchmark runs, as a share of all cores.
-
-    On a shared machine their load distorts, not only slows, the timings: with OpenMP threads descheduled
-    at random, many small ops suffer more than one large conv, so even interleaved ratios drift.
-    """
-
-    def __init__(self) -> None:
-        self.before = cpu_busy_fraction()
-        self._ticks = _cpu_ticks_by_pid() if Path("/proc/self/stat").exists() else None
-        self._start = time.perf_counter()
-
-    def during(self) -> float | None:
-        if self._ticks is None:
-            return None
-        wall = time.perf_counter() - self._start
-        now, me = _cpu_ticks_by_pid(), os.getpid()
-        used = sum(t - self._ticks.get(pid, 0) for pid, t in now.items() if pid != me)
-        return max(used, 0) / os.sysconf("SC_CLK_TCK") / max(wall * (os.cpu_count() or 1), 1e-9)
-
-    @staticmethod
-    def pct(value: float | None) -> str:
-        return "unknown" if value is None else f"{value:.0%}"
-
-    def describe(self, during: float | None) -> str:
-        return (
-            f"CPU taken by other processes: {self.pct(self.before)} of all cores just before the run, "
-            f"{self.pct(during)} during it"
-        )
-
-    def warning(self, during: float | None = None) -> str | None:
-        worst = max((v for v in (self.before, during) if v is not None), default=None)
-        if worst is None or worst <= 0.2:
-            return None
-        return (
-            f"WARNING: other processes took up to {worst:.0%} of the CPU around this run; they compete for "
-            "the cores, so these numbers are not representative"
-        )
-
-
-def machine_description(device: torch.device) -> str:
-    """One line naming everything that the numbers depend on."""
-    parts = [
-        f"CPU {cpu_model()}",
-        f"{os.cpu_count()} logical cores",
-        f"{torch.get_num_threads()} torch threads",
-        f"torch {torch.__version__}",
-        f"Python {platform.python_version()}",
-    ]
-    if device.type == "cuda":
-        parts += [
-            f"GPU {torch.cuda.get_device_name(device)}",
-            f"CUDA {torch.version.cuda}",
-            f"cuDNN {torch.backends.cudnn.version()} (benchmark={torch.backends.cudnn.benchmark})",
-        ]
-    return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """One target: the measured ratio, the limit, and whether it holds (None: not applicable)."""
-
-    description: str
-    value: float
-    limit: float
-    at_most: bool  # True: value <= limit is a pass; False: value >= limit is a pass
-    passed: bool | None
-    interval: tuple[float, float] | None = None  # 90% bootstrap interval of the ratio (see ratio_interval)
-
-    def verdict(self) -> str:
-        if self.passed is None:
-            return "n/a (not the size the target is defined on)"
-        return "PASS" if self.passed else "MISS"
-
-    def interval_text(self) -> str:
-        """'1.065-1.098', with a note when the interval holds the limit (the run alone cannot settle it)."""
-        if self.interval is None:
-            return "-"
-        low, high = self.interval
-        text = f"{low:.3f}-{high:.3f}"
-        return text + " (holds the limit)" if low <= self.limit <= high else text
-
-    def line(self) -> str:
-        op = "<=" if self.at_most else ">="
-        interval = "" if self.interval is None else f", 90% CI {self.interval_text()}"
-        return f"{self.description}: {self.value:.3f}x{interval} (target {op} {self.limit:.2f}x)  {self.verdict()}"
-
-
 def evaluate_targets(
     sections: list[Section], device: torch.device, quick: bool, net_size_is_default: bool = True
 ) -> list[TargetResult]:
@@ -579,10 +331,7 @@ def evaluate_targets(
     def result(
         description: str, s: Section, over: str, under: str, limit: float, at_most: bool, applies: bool = True
     ) -> TargetResult:
-        value = s.ms(over) / s.ms(under)
-        passed = None if quick or not applies else (value <= limit if at_most else value >= limit)
-        interval = ratio_interval(s.timing(over), s.timing(under))
-        return TargetResult(description, value, limit, at_most, passed, interval)
+        return TargetResult.measure(description, s, over, under, limit, at_most, judged=applies and not quick)
 
     out = []
     for s in sections:
@@ -600,106 +349,32 @@ def evaluate_targets(
     return out
 
 
-def format_section(s: Section) -> list[str]:
-    """A fixed-width console table of one section."""
-    ref, ours = s.ms(s.reference), s.ms(s.ours)
-    width = max(len(r.variant) for r in s.rows)
-    lines = [
-        f"{s.title}",
-        f"  config: {s.config}",
-        f"  {'variant':<{width}}  {'median ms':>10}  {'p25-p75 ms':>17}  {'vs plain':>8}  {'vs ours':>7}",
-    ]
-    for r in s.rows:
-        t = r.timing
-        spread = f"{t.p25_ms:.2f}-{t.p75_ms:.2f}"
-        lines.append(
-            f"  {r.variant:<{width}}  {t.median_ms:>10.2f}  {spread:>17}  "
-            f"{t.median_ms / ref:>7.2f}x  {t.median_ms / ours:>6.2f}x"
-        )
-    return lines
-
-
-def markdown_section(
-    sections: list[Section],
-    targets: list[TargetResult],
-    device: torch.device,
-    machine: str,
-    settings: str,
-    command: str,
-    load: str = "",
-) -> str:
-    """The results of one run as a markdown subsection (machine, settings, tables, targets)."""
-    label = "GPU" if device.type == "cuda" else "CPU"
-    today = datetime.date.today().isoformat()
-    lines = [
-        f"### {label} ({today})",
-        "",
-        f"Machine: {machine}",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Settings: {settings}",
-        "",
-    ]
-    if load:
-        lines += [f"Machine load: {load}", ""]
-    for s in sections:
-        ref, ours = s.ms(s.reference), s.ms(s.ours)
-        lines += [
-            f"**{s.title}** — {s.config}",
-            "",
-            "| variant | median ms | p25–p75 ms | vs plain | vs ours |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in s.rows:
-            t = r.timing
-            lines.append(
-                f"| {r.variant} | {t.median_ms:.2f} | {t.p25_ms:.2f}–{t.p75_ms:.2f} | "
-                f"{t.median_ms / ref:.2f}x | {t.median_ms / ours:.2f}x |"
-            )
-        lines.append("")
-    lines += ["| target | measured | 90% CI | limit | result |", "|---|---:|---:|---:|---|"]
-    for t in targets:
-        op = "≤" if t.at_most else "≥"
-        interval = t.interval_text().replace("-", "–", 1)
-        lines.append(f"| {t.description} | {t.value:.3f}x | {interval} | {op} {t.limit:.2f}x | {t.verdict()} |")
-    return "\n".join(lines) + "\n"
-
-
 def write_markdown(path: Path, section: str, device: torch.device) -> None:
-    """Append the section to `path`; a GPU run replaces the "GPU: not yet measured" placeholder line."""
+    """Append the section to `path`; a GPU run replaces the "GPU: not yet measured" placeholder line.
+
+    Written to a temporary file and renamed, so that a failed write never truncates the results file."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Benchmarks\n\n## Expert convolutions (issue: core)\n\n" + section)
+        write_text(path, "# Benchmarks\n\n## Expert convolutions (issue: core)\n\n" + section)
         return
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
-    if device.type == "cuda":
-        for i, line in enumerate(lines):
-            if line.strip() == GPU_PLACEHOLDER:
-                lines[i] = section
-                path.write_text("".join(lines))
-                return
-    path.write_text(text + ("" if text.endswith("\n") else "\n") + "\n" + section)
+    placeholder = next((i for i, line in enumerate(lines) if line.strip() == GPU_PLACEHOLDER), None)
+    if device.type == "cuda" and placeholder is not None:
+        lines[placeholder] = section
+        write_text(path, "".join(lines))
+    else:
+        write_text(path, text + ("" if text.endswith("\n") else "\n") + "\n" + section)
 
 
 # -------------------------------------------------------------------------------------------------- main
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorkd-bench",
         description="Time LoRKD expert convolutions against a plain conv, the official-style grouped-conv "
         "scheme and a per-sample loop, plus one routed U-Net training step against the plain network.",
     )
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
+    add_device_argument(p)
+    p.add_argument("--quick", action="store_true", help=QUICK_HELP)
     p.add_argument(
         "--repeats", type=positive_int, default=None, help="timed repeats per variant (default: 15 CPU, 50 GPU)"
     )
@@ -721,8 +396,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the tables and the target summary; returns the exit code."""
     args = _parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("lorkd-bench: --device cuda was asked for but torch sees no CUDA device", file=sys.stderr)
+    if cuda_missing("lorkd-bench", args.device):
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -749,9 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("LoRKD expert-convolution benchmark")
     print(f"machine: {machine}")
     foreign = ForeignLoad()  # a GPU run is host-bound at these sizes, so the host's load matters there too
-    print(f"CPU taken by other processes just before the run: {foreign.pct(foreign.before)} of all cores")
-    if foreign.warning():
-        print(foreign.warning())
+    foreign.announce("the run")
     print(f"settings: {settings}")
     if args.quick:
         print("QUICK MODE: tiny sizes, 1-2 repeats; a smoke test of the code paths, NOT a measurement")
@@ -760,10 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[Section] = []
     for cfg in conv_configs:
         sections.append(bench_conv(cfg, device, repeats, warmup, min_sample_s))
-        print("\n".join(format_section(sections[-1])), end="\n\n", flush=True)
+        print_section(sections[-1])
     if not args.skip_network:
         sections.append(bench_network(net_config, device, repeats, warmup, min_sample_s))
-        print("\n".join(format_section(sections[-1])), end="\n\n", flush=True)
+        print_section(sections[-1])
 
     targets = evaluate_targets(sections, device, args.quick, net_size_is_default)
     print("summary (ratios of medians, 90% CI by a paired bootstrap over the repeats; targets of the core issue):")
@@ -774,25 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not net_size_is_default and not args.skip_network:
         print(f"(--net-patch {args.net_patch}: the U-Net step target is defined on the default patch; no verdict)")
 
-    during = foreign.during()
-    warning = foreign.warning(during)
-    load_note = foreign.describe(during) + (f". {warning}" if warning else "")
+    load_note = foreign.note()
     print(load_note)
     if args.markdown is not None:
-        command = "lorkd-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_markdown(
-            args.markdown,
-            markdown_section(
-                sections,
-                targets,
-                device,
-                machine,
-                settings,
-                command,
-                load_note,
-            ),
-            device,
-        )
+        command = command_line("lorkd-bench", argv)
+        run_md = markdown_section(sections, targets, device, machine, settings, command, load_note)
+        write_markdown(args.markdown, run_md, device)
         print(f"markdown section written to {args.markdown}")
     return 0
 

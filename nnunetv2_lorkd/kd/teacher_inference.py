@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from nnunetv2_lorkd.experts import group_by_region
 from nnunetv2_lorkd.kd.config import TeacherRef
 from nnunetv2_lorkd.kd.layout import RegionClassLayout
 from nnunetv2_lorkd.teachers import Teacher, TeacherError, match_class_names
@@ -80,10 +81,8 @@ def batch_probabilities(
     """Teacher probabilities (B, max_classes, *spatial), float32: each sample's region classes in its first
     channels, zeros after. One teacher call per region present in the batch."""
     out = torch.zeros((data.shape[0], layout.max_classes, *data.shape[2:]), dtype=torch.float32, device=data.device)
-    ids = torch.as_tensor(list(region_ids))
     with _inference(data.device):
-        for region in sorted(set(int(r) for r in region_ids)):
-            rows = torch.nonzero(ids == region).flatten().tolist()
+        for region, rows in group_by_region(region_ids):
             names = layout.class_names[region]
             probs = teacher.probabilities(data[rows], names)
             expected = (len(rows), len(names), *data.shape[2:])

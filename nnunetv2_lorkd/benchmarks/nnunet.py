@@ -1,14 +1,14 @@
 """Speed of the nnU-Net integration: nnUNetTrainerLoRKD's training iteration next to nnUNetTrainer's, and
 sliding-window prediction with a fused region model next to a vanilla nnUNetTrainer model of the same plans.
 
-Run ``lorkd-bench-nnunet`` (or ``python -m nnunetv2_lorkd.bench_nnunet``). Both trainers are built in this
-process from the same plans (a tiny synthetic multi-region dataset made with lorkd-merge and nnU-Net's
+Run ``lorkd-bench-nnunet`` (or ``python -m nnunetv2_lorkd.benchmarks.nnunet``). Both trainers are built in
+this process from the same plans (a tiny synthetic multi-region dataset made with lorkd-merge and nnU-Net's
 planning and preprocessing, or an existing preprocessed LoRKD dataset given with -d/-c) and both start from
 the same backbone weights:
 
 1. **train_step on identical batches.** Batches drawn once from the LoRKD trainer's region-balanced loader
    (they carry the case keys that route them) are fed to ``train_step`` of both trainers in the same order;
-   the two trainers alternate, the order rotating every repeat (``bench.time_interleaved``), median reported.
+   the two trainers alternate, the order rotating every repeat (``common.time_interleaved``), median reported.
 2. **the full iteration**, ``train_step(next(loader))`` as nnU-Net's loop runs it, each trainer with its own
    loader, data augmentation in this process (``nnUNet_n_proc_DA=0``) so both pay for their own loading.
 3. **prediction.** The LoRKD trainer's weights are saved as an nnU-Net model folder and fused with
@@ -27,7 +27,6 @@ import contextlib
 import copy
 import io
 import itertools
-import json
 import os
 import random
 import sys
@@ -40,19 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import (
-    TARGET_NET_RATIO,
-    ForeignLoad,
-    Row,
-    Section,
-    TargetResult,
-    format_section,
-    machine_description,
-    markdown_section,
-    positive_int,
-    ratio_interval,
-    time_interleaved,
-)
+from ..experts import expert_parameter_report
+from ..files import read_json, save_torch, write_json, write_text
+from . import common
+from .common import Row, Section, TargetResult, positive_int, print_section, time_interleaved
 
 TARGET_PREDICTION_TOLERANCE = 0.03  # fused / vanilla prediction time within 1.00 +- 3%
 PLAIN_TRAINER = "nnUNetTrainer"
@@ -84,18 +74,18 @@ def nnunet_environment(**values: str | None) -> Iterator[None]:
     """nnU-Net reads its folders and worker counts from the environment at call time: set, then restore."""
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environment(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environment(saved)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _quietly(fn: Callable, *args, **kwargs):
@@ -162,7 +152,7 @@ def write_synthetic_raw(raw: Path, shape: Sequence[int], cases_per_region: int, 
             "numTraining": cases_per_region,
             "file_ending": ".nii.gz",
         }
-        (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        write_json(folder / "dataset.json", dataset_json)
     test_shape = (shape[0], *(round(1.5 * s) for s in shape[1:]))
     image, _ = _synthetic_case(test_shape, SYNTHETIC_REGIONS[0][1], rng)
     test_image = raw.parent / "test" / "bench_000_0000.nii.gz"
@@ -180,11 +170,11 @@ def prepare_synthetic(root: Path, shape: Sequence[int], cases_per_region: int, c
         preprocess,
     )
 
-    from . import merge
+    from .. import dataset_merge
 
     test_image = write_synthetic_raw(root / "raw", shape, cases_per_region, seed)
     args = [a for i, (r, _) in zip(SYNTHETIC_SOURCE_IDS, SYNTHETIC_REGIONS, strict=True) for a in ("-i", str(i), r)]
-    code = _quietly(merge.main, [*args, "-d", str(SYNTHETIC_ID), "-n", SYNTHETIC_NAME, "-np", "1"])
+    code = _quietly(dataset_merge.main, [*args, "-d", str(SYNTHETIC_ID), "-n", SYNTHETIC_NAME, "-np", "1"])
     if code != 0:
         raise BenchError(f"lorkd-merge of the synthetic datasets failed (exit code {code})")
     _quietly(extract_fingerprints, [SYNTHETIC_ID], num_processes=1, verbose=False, show_progress_bar=False)
@@ -206,12 +196,6 @@ class Setup:
     description: str
 
 
-def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise BenchError(f"{path} does not exist; plan and preprocess the dataset first (nnUNetv2_plan_and_preprocess)")
-    return json.loads(path.read_text())
-
-
 def build_trainers(
     preprocessed_base: Path,
     plans_identifier: str,
@@ -227,8 +211,9 @@ def build_trainers(
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    plans = _load_json(preprocessed_base / f"{plans_identifier}.json")
-    dataset_json = _load_json(preprocessed_base / "dataset.json")
+    plan_first = "plan and preprocess the dataset first (nnUNetv2_plan_and_preprocess)"
+    plans = read_json(preprocessed_base / f"{plans_identifier}.json", BenchError, missing_hint=plan_first)
+    dataset_json = read_json(preprocessed_base / "dataset.json", BenchError, missing_hint=plan_first)
     if configuration not in plans.get("configurations", {}):
         raise BenchError(
             f"configuration {configuration!r} is not in {preprocessed_base}/{plans_identifier}.json "
@@ -271,8 +256,8 @@ def build_trainers(
 
     cm = plain.configuration_manager
     net = _unwrapped(lorkd)
-    n_backbone = sum(p.numel() for p in _unwrapped(plain).parameters())  # parameters(): each tensor once
-    n_expert = sum(p.numel() for n, p in net.named_parameters() if ".lora_" in n)
+    report = expert_parameter_report(net)
+    n_backbone, n_expert = report.backbone, sum(report.per_expert)
     description = (
         f"plans {plans_identifier} / {configuration}: {cm.network_arch_class_name.rsplit('.', 1)[-1]}, "
         f"patch {list(cm.patch_size)}, batch {cm.batch_size}, "
@@ -284,31 +269,6 @@ def build_trainers(
     return Setup(
         trainers, lorkd_class.__name__, plain.plans_manager.dataset_name, plans_identifier, configuration, description
     )
-
-
-class OthersLoad(ForeignLoad):
-    """bench.ForeignLoad, but the share "just before" leaves out this process: here it starts right after the
-    trainers' setup, whose OpenMP threads may still spin, and they are not another process's load."""
-
-    def __init__(self, window_s: float = 1.0) -> None:
-        super().__init__()
-        self.before = self._others_busy_fraction(window_s)
-
-    @staticmethod
-    def _others_busy_fraction(window_s: float) -> float | None:
-        def read() -> tuple[int, int, int]:
-            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-            return sum(fields[:8]), fields[3] + (fields[4] if len(fields) > 4 else 0), int(own[11]) + int(own[12])
-
-        try:
-            total0, idle0, own0 = read()
-            time.sleep(window_s)
-            total1, idle1, own1 = read()
-        except (OSError, ValueError, IndexError):
-            return None
-        total = max(total1 - total0, 1)  # /proc/stat and /proc/self/stat both count in clock ticks
-        return max(0.0, 1.0 - (idle1 - idle0) / total - (own1 - own0) / total)
 
 
 def _describe_experts(trainer) -> str:
@@ -359,28 +319,27 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
 
 
 # -------------------------------------------------------------------------------------------- prediction
-def _save_model_folder(folder: Path, plans: dict, dataset_json: dict, fold: int, checkpoint: dict) -> None:
+def _write_model_jsons(folder: Path, plans: dict, dataset_json: dict, fold: int) -> Path:
+    """plans.json and dataset.json of an nnU-Net model folder; returns the fold folder for the checkpoint."""
     (folder / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
+    write_json(folder / "plans.json", plans)
+    write_json(folder / "dataset.json", dataset_json)
+    return folder / f"fold_{fold}"
 
 
 def build_model_folders(setup: Setup, fold: int, region: str, results: Path) -> tuple[Path, Path, str]:
     """The LoRKD trainer's model folder fused for `region` (lorkd-fuse, --verify) and a vanilla nnUNetTrainer
     folder with the plain trainer's weights, seg heads cut to the same channels, same plans; returns both and
     the fuse log."""
-    from .fuse import SEG_HEAD_KEY, fuse_model_folder
+    from ..fuse import SEG_HEAD_KEY, fuse_model_folder
 
     lorkd = setup.trainers[setup.lorkd_name]
     plain = next(iter(setup.trainers.values()))
     region_index = lorkd.region_map.region_index(region)
     region_name = lorkd.region_map.names[region_index]
     model = results / setup.dataset_name / f"{setup.lorkd_name}__{setup.plans_identifier}__{setup.configuration}"
-    (model / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
-    (model / "plans.json").write_text(json.dumps(lorkd.plans_manager.plans, indent=2))
-    (model / "dataset.json").write_text(json.dumps(lorkd.dataset_json, indent=2))
-    _quietly(lorkd.save_checkpoint, str(model / f"fold_{fold}" / "checkpoint_final.pth"))
+    fold_folder = _write_model_jsons(model, lorkd.plans_manager.plans, lorkd.dataset_json, fold)
+    _quietly(lorkd.save_checkpoint, str(fold_folder / "checkpoint_final.pth"))
     log: list[str] = []
     (fused,) = fuse_model_folder(str(model), [region_name], [fold], verify=True, log=log.append)
     fused = Path(fused)
@@ -394,9 +353,9 @@ def build_model_folders(setup: Setup, fold: int, region: str, results: Path) -> 
         for k, v in _unwrapped(plain).state_dict().items()
     }
     vanilla_plans_id = f"{setup.plans_identifier}_{region_name}_vanilla"
-    plans = json.loads((fused / "plans.json").read_text())
+    plans = read_json(fused / "plans.json", BenchError)
     plans["plans_name"] = vanilla_plans_id
-    dataset_json = {k: v for k, v in json.loads((fused / "dataset.json").read_text()).items() if k != "lorkd_fused"}
+    dataset_json = {k: v for k, v in read_json(fused / "dataset.json", BenchError).items() if k != "lorkd_fused"}
     vanilla = results / setup.dataset_name / f"{PLAIN_TRAINER}__{vanilla_plans_id}__{setup.configuration}"
     checkpoint = {
         "network_weights": weights,
@@ -404,7 +363,7 @@ def build_model_folders(setup: Setup, fold: int, region: str, results: Path) -> 
         "init_args": {"configuration": setup.configuration},
         "inference_allowed_mirroring_axes": plain.inference_allowed_mirroring_axes,
     }
-    _save_model_folder(vanilla, plans, dataset_json, fold, checkpoint)
+    save_torch(_write_model_jsons(vanilla, plans, dataset_json, fold) / "checkpoint_final.pth", checkpoint)
     return fused, vanilla, "lorkd-fuse --verify: " + "; ".join(verified)
 
 
@@ -446,17 +405,17 @@ def build_predictors(folders: dict[str, Path], fold: int, device: torch.device, 
 
 # ------------------------------------------------------------------------------------------------ report
 def evaluate_targets(sections: dict[str, Section], device: torch.device, quick: bool) -> list[TargetResult]:
+    """The targets of the nnU-Net integration issue (no verdict in quick mode: tiny sizes)."""
+
     def result(description: str, s: Section, limit: float, at_most: bool) -> TargetResult:
-        value = s.ms(s.ours) / s.ms(s.reference)
-        passed = None if quick else (value <= limit if at_most else value >= limit)
-        interval = ratio_interval(s.timing(s.ours), s.timing(s.reference))
-        return TargetResult(description, value, limit, at_most, passed, interval)
+        return TargetResult.measure(description, s, s.ours, s.reference, limit, at_most, judged=not quick)
 
     out = []
     if "step" in sections:
         s = sections["step"]
         ours, reference = s.ours.removesuffix(" train_step"), s.reference.removesuffix(" train_step")
-        out.append(result(f"{ours} / {reference} train_step ({device.type})", s, TARGET_NET_RATIO[device.type], True))
+        limit = common.TARGET_NET_RATIO[device.type]
+        out.append(result(f"{ours} / {reference} train_step ({device.type})", s, limit, True))
     if "predict" in sections:
         s = sections["predict"]
         name = f"fused / vanilla prediction ({device.type})"
@@ -466,8 +425,8 @@ def evaluate_targets(sections: dict[str, Section], device: torch.device, quick: 
 
 
 SECTION_INTRO = """\
-`lorkd-bench-nnunet` (`nnunetv2_lorkd/bench_nnunet.py`) builds `nnUNetTrainer` and `nnUNetTrainerLoRKD` in one
-process from the same plans file: a small synthetic 3-region dataset (3D, 1 mm isotropic, blobs on noise),
+`lorkd-bench-nnunet` (`nnunetv2_lorkd/benchmarks/nnunet.py`) builds `nnUNetTrainer` and `nnUNetTrainerLoRKD` in
+one process from the same plans file: a small synthetic 3-region dataset (3D, 1 mm isotropic, blobs on noise),
 merged with `lorkd-merge` and planned and preprocessed by nnU-Net, or an existing preprocessed LoRKD dataset
 (`-d`/`-c`). Both networks start from the same backbone weights. It times, interleaved (the order rotates
 every repeat; warm-up calls first; median over the repeats; CUDA synchronised):
@@ -504,7 +463,7 @@ trainer).
 def write_markdown(path: Path, run_section: str, device: torch.device) -> None:
     """Add the run to this benchmark's own `##` section (created at the end of the file if missing); a CUDA
     run replaces the section's GPU placeholder line. Written to a temporary file, then renamed."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_HEADING]
     if not starts:
@@ -524,10 +483,7 @@ def write_markdown(path: Path, run_section: str, device: torch.device) -> None:
         if end < len(lines):
             section.append("\n")
         new = "".join(lines[:start] + section + lines[end:])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_text(path, new)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -537,15 +493,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Time nnUNetTrainerLoRKD's training iteration against nnUNetTrainer's on the same plans and "
         "batches, and fused-region prediction against a vanilla nnUNetTrainer model of the same plans.",
     )
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", choices=("cpu", "cuda"), default=default_device, help=f"default: {default_device}")
+    common.add_device_argument(p)
     p.add_argument("-d", "--dataset", default=None, help="an existing preprocessed LoRKD dataset (default: synthetic)")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="default: 3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-f", "--fold", type=int, default=0, help="fold whose training cases feed the loaders (default 0)")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerLoRKD", help="LoRKD trainer (default nnUNetTrainerLoRKD)")
     p.add_argument("--region", default=None, help="region of the fused model (default: the first region)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and 1-2 repeats: a smoke test, not a measurement")
+    p.add_argument("--quick", action="store_true", help=common.QUICK_HELP)
     p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats (default: 10 CPU, 30 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per variant first (default 2 CPU, 5 GPU)")
     p.add_argument("--batches", type=positive_int, default=6, help="distinct pre-loaded batches (default 6)")
@@ -570,8 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the tables and the target summary; returns the exit code."""
     args = _parser().parse_args(argv)
     prog = "lorkd-bench-nnunet"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"{prog}: --device cuda was asked for but torch sees no CUDA device", file=sys.stderr)
+    if common.cuda_missing(prog, args.device):
         return 2
     if args.dataset is not None and not os.environ.get(PREPROCESSED_VAR):
         print(f"{prog}: -d needs nnUNet_preprocessed (the folder holding the preprocessed dataset)", file=sys.stderr)
@@ -589,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tta = args.tta if args.tta is not None else device.type == "cuda"
     shape = tuple(args.shape or SYNTHETIC_SHAPES["quick" if args.quick else device.type])
 
-    machine = machine_description(device)
+    machine = common.machine_description(device)
     print("LoRKD nnU-Net integration benchmark")
     print(f"machine: {machine}")
     if args.quick:
@@ -668,10 +622,10 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
     if args.quick:
         settings = "QUICK MODE (tiny sizes, not a measurement); " + settings
     print(f"settings: {settings}")
-    foreign = OthersLoad()
-    print(f"CPU taken by other processes just before the timing: {foreign.pct(foreign.before)} of all cores")
-    if foreign.warning():
-        print(foreign.warning())
+    # "just before" leaves this process out: the trainers' setup just ended, and its OpenMP threads may still
+    # spin; they are not another process's load
+    foreign = common.ForeignLoad(exclude_self=True)
+    foreign.announce("the timing")
     print(flush=True)
 
     names = list(setup.trainers)
@@ -687,7 +641,7 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
         f"{reference} train_step",
         f"{setup.lorkd_name} train_step",
     )
-    print("\n".join(format_section(sections["step"])), end="\n\n", flush=True)
+    print_section(sections["step"])
 
     iterations = {f"{n}: train_step(next(loader))": _loader_steps(t, loaders[n]) for n, t in setup.trainers.items()}
     timings = time_interleaved(iterations, device, repeats, warmup, min_sample_s=0.0)
@@ -698,7 +652,7 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
         f"{reference}: train_step(next(loader))",
         f"{setup.lorkd_name}: train_step(next(loader))",
     )
-    print("\n".join(format_section(sections["iteration"])), end="\n\n", flush=True)
+    print_section(sections["iteration"])
 
     if args.profile > 0:
         print(profile_steps({n: _cycle_steps(t, batches) for n, t in setup.trainers.items()}, device, args.profile))
@@ -723,7 +677,7 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
             vanilla_row,
             fused_row,
         )
-        print("\n".join(format_section(sections["predict"])), end="\n\n", flush=True)
+        print_section(sections["predict"])
 
     targets = evaluate_targets(sections, device, args.quick)
     print("summary (ratios of medians; targets of the nnU-Net integration issue):")
@@ -734,13 +688,12 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
         print(f"  (info) {s.ours} / {names[1]} train_step: {s.ms(s.ours) / s.ms(names[1] + ' train_step'):.3f}x")
     if args.quick:
         print("(quick mode: tiny sizes; no verdict is given)")
-    during = foreign.during()
-    warning = foreign.warning(during)
-    load_note = foreign.describe(during) + (f". {warning}" if warning else "")
+    load_note = foreign.note()
     print(load_note)
     if args.markdown is not None:
-        command = "lorkd-bench-nnunet " + " ".join(sys.argv[1:] if argv is None else argv)
-        run_md = markdown_section(list(sections.values()), targets, device, machine, settings, command, load_note)
+        command = common.command_line("lorkd-bench-nnunet", argv)
+        tables = list(sections.values())
+        run_md = common.markdown_section(tables, targets, device, machine, settings, command, load_note)
         write_markdown(args.markdown, run_md, device)
         print(f"results added to {args.markdown}")
     return 0

@@ -1,8 +1,8 @@
 """A small KD-weight ablation on a preprocessed LoRKD dataset: train nnUNetTrainerLoRKD once per weight lambda
 (0 = no KD) and seed, with the same short schedule, and compare the final per-region validation Dice.
 
-``python -m nnunetv2_lorkd.kd.ablation -d DATASET -c CONFIGURATION [--weights 0 0.5 1 2] [--temperature 1]
-    [--seeds 0 1] [--epochs 5] [--iterations 20]``
+``python -m nnunetv2_lorkd.benchmarks.kd_ablation -d DATASET -c CONFIGURATION [--weights 0 0.5 1 2]
+    [--temperature 1] [--seeds 0 1] [--epochs 5] [--iterations 20]``
 
 The teacher and the mode come from the configuration's entry in lorkd_kd.json (``lorkd-kd set`` first, and
 ``lorkd-kd cache`` for mode cached); only the weight (and optionally the temperature) changes between runs.
@@ -13,7 +13,7 @@ end. Results go to a JSON file and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
 import random
 import sys
@@ -23,19 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from nnunetv2_lorkd.kd.cli import load_student
-from nnunetv2_lorkd.kd.config import (
-    KDConfigError,
-    KDSettings,
-    config_path,
-    remove_settings,
-    settings_for,
-    write_json_atomic,
-    write_settings,
-)
+from ..files import read_json, write_json
+from ..kd.cli import load_student
+from ..kd.config import KDConfigError, KDSettings, config_path, remove_settings, settings_for, write_settings
 
 
 def _trainer_class(name: str, epochs: int, iterations: int, val_iterations: int) -> type:
+    """nnUNetTrainerLoRKD with the short schedule; a distinct class name per run gives each its own output folder."""
     from nnunetv2_lorkd_trainers.lorkd import nnUNetTrainerLoRKD
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")) -> None:
@@ -48,9 +42,8 @@ def _trainer_class(name: str, epochs: int, iterations: int, val_iterations: int)
 
 
 def run_one(dataset: str, configuration: str, plans_name: str, base: KDSettings, weight: float, seed: int,
-            args) -> dict:  # fmt: skip
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
+            args: argparse.Namespace) -> dict:  # fmt: skip
+    """Train and validate one (weight, seed) run; lorkd_kd.json holds this run's weight while it trains."""
     student = load_student(dataset, configuration, plans_name)
     if weight == 0:
         remove_settings(student.folder, configuration)
@@ -63,17 +56,15 @@ def run_one(dataset: str, configuration: str, plans_name: str, base: KDSettings,
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    plans = load_json(os.path.join(student.folder, plans_name + ".json"))
+    plans = copy.deepcopy(student.plans)
     plans["continue_training"] = False
-    trainer = cls(plans, configuration, args.fold, load_json(os.path.join(student.folder, "dataset.json")),
-                  torch.device(args.device))  # fmt: skip
+    trainer = cls(plans, configuration, args.fold, copy.deepcopy(student.dataset_json), torch.device(args.device))
     start = time.perf_counter()
     trainer.run_training()
     trainer.inference_allowed_mirroring_axes = None if args.no_mirroring else trainer.inference_allowed_mirroring_axes
     trainer.perform_actual_validation()
     seconds = time.perf_counter() - start
-    with open(os.path.join(trainer.output_folder, "validation", "summary_lorkd_regions.json")) as f:
-        regions = json.load(f)
+    regions = read_json(os.path.join(trainer.output_folder, "validation", "summary_lorkd_regions.json"), RuntimeError)
     log = trainer.logger.local_logger.my_fantastic_logging
     return {
         "weight": weight,
@@ -88,6 +79,7 @@ def run_one(dataset: str, configuration: str, plans_name: str, base: KDSettings,
 
 
 def table(results: Sequence[dict]) -> str:
+    """Per-region Dice per weight, averaged over seeds, with the seed spread that decides what differs."""
     weights = sorted({r["weight"] for r in results})
     regions = sorted({n for r in results for n in r["dice_per_region"]})
     lines = [
@@ -105,7 +97,9 @@ def table(results: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nnunetv2_lorkd.kd.ablation", description=__doc__.split("\n\n")[0])
+    """Run every (seed, weight), print the table; lorkd_kd.json is restored even when a run fails."""
+    prog = "python -m nnunetv2_lorkd.benchmarks.kd_ablation"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", required=True)
     parser.add_argument("-c", required=True)
     parser.add_argument("-p", default="nnUNetPlans")
@@ -129,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"no KD settings for {args.c}: run `lorkd-kd set -d {args.d} -c {args.c} --teacher ...` first"
         )
     path = config_path(student.folder)
-    with open(path) as f:
-        original = json.load(f)
+    original = read_json(path, KDConfigError)
     results = []
     try:
         for seed in args.seeds:
@@ -139,10 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(result)
                 print(f"lambda {weight:g} seed {seed}: mean Dice {result['mean_dice']:.4f} "
                       f"{result['dice_per_region']} ({result['seconds']:.0f} s)", flush=True)  # fmt: skip
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+                write_json(args.out, results)
     finally:
-        write_json_atomic(path, original)
+        write_json(path, original)
     print(table(results))
     return 0
 

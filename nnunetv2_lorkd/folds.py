@@ -26,7 +26,7 @@ not matter):
   the rest of its group) is put into the training set of every fold and the region has no validation case.
 
 The last two situations are reported as warnings: :func:`stratified_splits_with_warnings` returns them and
-:func:`region_stratified_splits` logs them (logger ``nnunetv2_lorkd.splits``, level WARNING).
+:func:`region_stratified_splits` logs them (logger ``nnunetv2_lorkd.folds``, level WARNING).
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_lorkd.merge import main
+from nnunetv2_lorkd.dataset_merge import main
+from nnunetv2_lorkd.folds import stratified_splits_with_warnings
 from nnunetv2_lorkd.regions import RegionMap
-from nnunetv2_lorkd.splits import stratified_splits_with_warnings
 
 SPACING = (0.75, 0.8, 3.0)  # x, y, z: anisotropic
 ORIGIN = (12.5, -7.25, 40.0)
