@@ -52,7 +52,6 @@ class nnUNetTrainerLoRKD(RegionAwareTrainer):
     lorkd_fixed_scaling: float | None = None
     # False: never distil, whatever lorkd_kd.json says (for a subclass that must train on labels only)
     lorkd_distill: bool = True
-    _compile_note_logged: bool = False
 
     # ------------------------------------------------------------------------------------------- network
     def _configure_network(self, plans: dict, configuration: str, dataset_json: dict) -> None:
@@ -101,16 +100,6 @@ class nnUNetTrainerLoRKD(RegionAwareTrainer):
     def _route_case(self, region: int | None) -> None:
         """Route (or, with None, un-route) the network for one case of the final validation."""
         set_routing(unwrap_network(self.network), region)
-
-    def _do_i_compile(self) -> bool:
-        if super()._do_i_compile() and not self._compile_note_logged:
-            self.print_to_log_file(
-                f"torch.compile is off for {type(self).__name__}: the region mix of each batch decides which expert "
-                "weights are built (and which output channels count), which would recompile or break the graph on "
-                "every new mix"
-            )
-            self._compile_note_logged = True
-        return False
 
     # ------------------------------------------------------------------------------- pretrained weights
     def _accept_pretrained_weights(self) -> None:

@@ -49,6 +49,10 @@ class RegionAwareTrainer(nnUNetTrainer):
 
     # "balanced": every region gets the same share of samples; "cases": nnU-Net's uniform over cases
     lorkd_region_sampling: str = "balanced"
+    # torch.compile where nnU-Net compiles (CUDA unless nnUNet_compile is false), and on CPU when nnUNet_compile
+    # asks for it (nnU-Net itself never compiles there); False switches it off for a subclass
+    lorkd_compile: bool = True
+    _compile_logged: bool = False
 
     def __init__(
         self,
@@ -99,6 +103,28 @@ class RegionAwareTrainer(nnUNetTrainer):
         return RegionBalancedDataLoader
 
     # ------------------------------------------------------------------------------------------- setup
+    def _do_i_compile(self) -> bool:
+        """nnU-Net asks this before compiling the network; the decision and its reason go to the log once."""
+        compile_it, reason = self._compile_decision()
+        if not self._compile_logged:
+            self.print_to_log_file(f"torch.compile: {'on' if compile_it else 'off'} ({reason})")
+            self._compile_logged = True
+        return compile_it
+
+    def _compile_decision(self) -> tuple[bool, str]:
+        requested = os.environ.get("nnUNet_compile")  # noqa: SIM112 (nnU-Net's own variable)
+        if not self.lorkd_compile:
+            return False, f"{type(self).__name__}.lorkd_compile is False"
+        if requested is not None and requested.lower() not in ("true", "1", "t"):
+            return False, f"nnUNet_compile={requested}"
+        if self.device.type == "cpu":
+            if requested is not None:
+                return True, "nnUNet_compile is set; on CPU nnU-Net itself never compiles"
+            return False, "CPU: set nnUNet_compile=t to compile here"
+        if not super()._do_i_compile():
+            return False, f"nnU-Net does not compile on {self.device.type}"
+        return True, "nnU-Net's default; set nnUNet_compile=f to switch it off"
+
     def _register_log_keys(self) -> None:
         """The per-region pseudo-Dice list, also in a logger restored from a checkpoint that lacks it."""
         self.logger.local_logger.my_fantastic_logging.setdefault(REGION_DICE_KEY, [])

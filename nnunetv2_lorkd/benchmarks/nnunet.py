@@ -190,6 +190,8 @@ class Setup:
 
     trainers: dict[str, object]  # row name -> initialized trainer; the first is the reference
     lorkd_name: str
+    # with --compile: (plain, LoRKD) row names of the torch.compile pair; lorkd_name and the first row are eager
+    compiled_pair: tuple[str, str] | None
     dataset_name: str
     plans_identifier: str
     configuration: str
@@ -204,10 +206,13 @@ def build_trainers(
     lorkd_trainer: str,
     device: torch.device,
     seed: int,
+    compiled_pairs: bool = False,
 ) -> Setup:
     """nnUNetTrainer and the LoRKD trainer, initialized from the same plans file; the LoRKD network gets the
-    plain network's weights (its experts keep their fresh initialization). On CUDA nnU-Net compiles
-    nnUNetTrainer by default and the LoRKD trainer does not, so an eager nnUNetTrainer is added as well."""
+    plain network's weights (its experts keep their fresh initialization). Without ``compiled_pairs`` each trainer
+    compiles as it decides (on CUDA both do by default; an eager nnUNetTrainer is added as well). With it: both
+    eager, and both again with their network wrapped in torch.compile as nnU-Net's initialize does (on CPU too,
+    where nnU-Net never compiles)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -234,13 +239,26 @@ def build_trainers(
         return trainer
 
     trainers: dict[str, object] = {}
-    plain = make(nnUNetTrainer, os.environ.get(COMPILE_VAR))
-    compiled = plain._do_i_compile()
-    trainers[f"{PLAIN_TRAINER}{' (torch.compile)' if compiled else ''}"] = plain
-    if compiled:
-        trainers[f"{PLAIN_TRAINER} (eager)"] = make(nnUNetTrainer, "f")
-    lorkd = make(lorkd_class, os.environ.get(COMPILE_VAR))
-    trainers[lorkd_class.__name__] = lorkd
+    compiled_pair = None
+    if compiled_pairs:
+        plain = make(nnUNetTrainer, "f")
+        lorkd = make(lorkd_class, "f")
+        lorkd_name = f"{lorkd_class.__name__} (eager)"
+        trainers.update({f"{PLAIN_TRAINER} (eager)": plain, lorkd_name: lorkd})
+        compiled_pair = (f"{PLAIN_TRAINER} (torch.compile)", f"{lorkd_class.__name__} (torch.compile)")
+        for name, cls in zip(compiled_pair, (nnUNetTrainer, lorkd_class), strict=True):
+            trainer = make(cls, "f")
+            trainer.network = torch.compile(trainer.network)
+            trainers[name] = trainer
+    else:
+        plain = make(nnUNetTrainer, os.environ.get(COMPILE_VAR))
+        compiled = plain._do_i_compile()
+        trainers[f"{PLAIN_TRAINER}{' (torch.compile)' if compiled else ''}"] = plain
+        if compiled:
+            trainers[f"{PLAIN_TRAINER} (eager)"] = make(nnUNetTrainer, "f")
+        lorkd = make(lorkd_class, os.environ.get(COMPILE_VAR))
+        lorkd_name = lorkd_class.__name__ + (" (torch.compile)" if lorkd._do_i_compile() else "")
+        trainers[lorkd_name] = lorkd
 
     plain_weights = _unwrapped(plain).state_dict()
     missing, unexpected = _unwrapped(lorkd).load_state_dict(plain_weights, strict=False)
@@ -252,7 +270,7 @@ def build_trainers(
         )
     for other in trainers.values():
         if other is not plain and other is not lorkd:
-            _unwrapped(other).load_state_dict(plain_weights)
+            _unwrapped(other).load_state_dict(plain_weights, strict=not isinstance(other, lorkd_class))
 
     cm = plain.configuration_manager
     net = _unwrapped(lorkd)
@@ -267,7 +285,13 @@ def build_trainers(
         f"{n_expert:,} expert parameters next to {n_backbone:,} backbone parameters"
     )
     return Setup(
-        trainers, lorkd_class.__name__, plain.plans_manager.dataset_name, plans_identifier, configuration, description
+        trainers,
+        lorkd_name,
+        compiled_pair,
+        plain.plans_manager.dataset_name,
+        plans_identifier,
+        configuration,
+        description,
     )
 
 
@@ -416,6 +440,11 @@ def evaluate_targets(sections: dict[str, Section], device: torch.device, quick: 
         ours, reference = s.ours.removesuffix(" train_step"), s.reference.removesuffix(" train_step")
         limit = common.TARGET_NET_RATIO[device.type]
         out.append(result(f"{ours} / {reference} train_step ({device.type})", s, limit, True))
+    if "step_compiled" in sections:
+        s = sections["step_compiled"]
+        ours, reference = s.ours.removesuffix(" train_step"), s.reference.removesuffix(" train_step")
+        out.append(result(f"{ours} / {reference} train_step ({device.type})", s, common.TARGET_NET_RATIO[device.type],
+                          True))  # fmt: skip
     if "predict" in sections:
         s = sections["predict"]
         name = f"fused / vanilla prediction ({device.type})"
@@ -433,8 +462,10 @@ every repeat; warm-up calls first; median over the repeats; CUDA synchronised):
 
 1. **train_step on identical batches**: the same pre-loaded batches (drawn from the LoRKD trainer's
    region-balanced loader; their case keys route them) go through each trainer's `train_step` in the same
-   order. On CUDA nnU-Net compiles `nnUNetTrainer` by default and the LoRKD trainer switches compile off,
-   so a run there also shows an eager `nnUNetTrainer`. The target ratio is against nnU-Net's default;
+   order. On CUDA both trainers compile by default (nnU-Net's default), so a run there also shows an eager
+   `nnUNetTrainer`. The target ratio is against nnU-Net's default. With `--compile` it times eager against
+   eager, then both networks under `torch.compile` (on CPU too, where nnU-Net never compiles), each pair
+   with the same target;
 2. **full iteration**: `train_step(next(loader))`, each trainer with its own loader and data augmentation
    in the same process (`nnUNet_n_proc_DA=0`). This ratio has no target;
 3. **prediction**: the LoRKD weights are saved as a model folder and fused with `lorkd-fuse --verify` for one
@@ -513,6 +544,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="print torch.profiler tables (N rows)")
     p.add_argument("--skip-prediction", action="store_true", help="time the training iteration only")
+    p.add_argument("--compile", action="store_true", help="time train_step eager vs eager AND torch.compile vs "
+                   "torch.compile (both networks compiled as nnU-Net does, on CPU too)")  # fmt: skip
     p.add_argument("--markdown", type=Path, default=None, help="add the results to this benchmark's section of PATH")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep the synthetic data and model folders in this new or empty folder (default: a "
@@ -598,7 +631,9 @@ def _prepare_data(args: argparse.Namespace, shape: tuple[int, ...], root: Path) 
 def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, dataset_name, data_note, argv) -> int:
     preprocessed_base = Path(os.environ[PREPROCESSED_VAR]) / dataset_name
     start = time.perf_counter()
-    setup = build_trainers(preprocessed_base, args.plans, args.configuration, fold, args.trainer, device, args.seed)
+    setup = build_trainers(
+        preprocessed_base, args.plans, args.configuration, fold, args.trainer, device, args.seed, args.compile
+    )
     lorkd = setup.trainers[setup.lorkd_name]
     region = args.region or lorkd.region_map.names[0]
     try:
@@ -631,7 +666,8 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
     names = list(setup.trainers)
     reference = names[0]
     sections: dict[str, Section] = {}
-    steps = {f"{n} train_step": _cycle_steps(t, batches) for n, t in setup.trainers.items()}
+    stepped = {n: t for n, t in setup.trainers.items() if setup.compiled_pair is None or n not in setup.compiled_pair}
+    steps = {f"{n} train_step": _cycle_steps(t, batches) for n, t in stepped.items()}
     timings = time_interleaved(steps, device, repeats, warmup, min_sample_s=0.0)
     sections["step"] = Section(
         "train_step on identical batches",
@@ -642,8 +678,19 @@ def _measure(args, device, fold, repeats, warmup, tta, machine, test_image, data
         f"{setup.lorkd_name} train_step",
     )
     print_section(sections["step"])
+    if setup.compiled_pair is not None:
+        # the first calls compile (warm-up); the region mixes of the later batches must not recompile
+        compiled_steps = {f"{n} train_step": _cycle_steps(setup.trainers[n], batches) for n in setup.compiled_pair}
+        timings = time_interleaved(compiled_steps, device, repeats, max(warmup, 2), min_sample_s=0.0)
+        sections["step_compiled"] = Section(
+            "train_step on identical batches, both networks compiled (torch.compile, default backend)",
+            "the same batches as above; compilation happens in the warm-up calls",
+            [Row(n, t) for n, t in timings.items()],
+            *(f"{n} train_step" for n in setup.compiled_pair),
+        )
+        print_section(sections["step_compiled"])
 
-    iterations = {f"{n}: train_step(next(loader))": _loader_steps(t, loaders[n]) for n, t in setup.trainers.items()}
+    iterations = {f"{n}: train_step(next(loader))": _loader_steps(t, loaders[n]) for n, t in stepped.items()}
     timings = time_interleaved(iterations, device, repeats, warmup, min_sample_s=0.0)
     sections["iteration"] = Section(
         "full training iteration (data loading in-process, nnUNet_n_proc_DA=0)",

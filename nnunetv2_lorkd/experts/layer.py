@@ -221,16 +221,21 @@ class ExpertLayer(RoutedLayer):
         out = kernels.conv(x.reshape(1, t * x.shape[1], *x.shape[2:]), weight, bias, self.geometry, groups=t)
         return out.view(t, -1, *out.shape[2:])
 
+    def _unrouted_error(self) -> RoutingError:
+        return RoutingError(
+            f"expert layer '{self.lorkd_name}' was called without routing. Wrap the forward in "
+            "`with route(net, region_ids):` (one id per sample, or one int for all), or in "
+            "`with backbone_only(net):` to run the shared backbone alone on purpose."
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(x)
         plan = self.routing_plan
         if self.merged_region is not None:
             return self._forward_merged(x, plan)
         if plan is None:
-            raise RoutingError(
-                f"expert layer '{self.lorkd_name}' was called without routing. Wrap the forward in "
-                "`with route(net, region_ids):` (one id per sample, or one int for all), or in "
-                "`with backbone_only(net):` to run the shared backbone alone on purpose."
-            )
+            raise self._unrouted_error()
         if plan.backbone_only:
             return self._run_conv(x, self.weight)
         regions, sizes = plan.groups_for_batch(x.shape[0], self.lorkd_name)
@@ -251,6 +256,55 @@ class ExpertLayer(RoutedLayer):
             weights = self.expert_weights(regions)
             y = torch.cat([self._run_region_conv(c, w) for c, w in zip(torch.split(x, sizes), weights, strict=True)])
         return y if inv_perm is None else y.index_select(0, inv_perm)
+
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward torch.compile traces: routing enters only as the tensor ``route_index``, never as Python
+        values, so one graph serves every region mix of a batch size (no recompile when the mix changes).
+
+        Every expert's weight W0 + s_t*dW_t is built (one batched matmul) and each sample takes its region's by
+        ``index_select``; then one grouped convolution runs the batch (groups = samples), or one plain
+        convolution for a broadcast region.
+        Expert t still gets the gradient of region t's samples alone; the experts of regions absent from the
+        batch get an exact-zero gradient instead of none, as under DDP.
+        """
+        plan = self.routing_plan
+        if self.merged_region is not None:
+            return self._forward_merged(x, plan)
+        if plan is None:
+            raise self._unrouted_error()
+        if plan.backbone_only:
+            return self._run_conv(x, self.weight)
+        index = self.route_index
+        assert index is not None
+        if index.device != self.weight.device:
+            raise RoutingError(
+                f"expert layer '{self.lorkd_name}' was routed while on {index.device} and now runs on "
+                f"{self.weight.device}; install the routing again after moving the network"
+            )
+        weights = self._low_rank_update(tuple(range(self.num_experts)), self.weight)
+        if index.shape[0] == 1:  # one region for the whole batch
+            return self._run_conv(x, weights.index_select(0, index).squeeze(0))
+        if index.shape[0] != x.shape[0]:
+            raise RoutingError(
+                f"expert layer '{self.lorkd_name}' received a batch of {x.shape[0]} samples but route() was given "
+                f"{index.shape[0]} region ids; pass one id per sample, or a single int to use one region for every "
+                "sample"
+            )
+        # one grouped conv over the samples even where the eager path's CPU rule runs one conv per sample: measured
+        # compiled on CPU, the per-sample convs made the 3D training step slower (docs/benchmarks.md)
+        return self._run_per_sample(x, weights.index_select(0, index))
+
+    def _run_per_sample(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sample b with weights[b]: the batch as one sample with the samples side by side in the channels."""
+        n = x.shape[0]
+        bias = None if self.bias is None else self.bias.repeat(n)
+        out = self._run_conv_groups(x.reshape(1, n * x.shape[1], *x.shape[2:]), weights.flatten(0, 1), bias, n)
+        return out.view(n, -1, *out.shape[2:])
+
+    def _run_conv_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        return kernels.conv(x, weight, bias, self.geometry, groups=groups)
 
     def _forward_merged(self, x: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
         if self.training:
@@ -346,6 +400,11 @@ class _ExpertConvTransposeNd(_ExpertConvNd):
         return self._functional(
             x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
         )
+
+    def _run_conv_groups(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    ) -> torch.Tensor:
+        return self._functional(x, weight, bias, self.stride, self.padding, self.output_padding, groups, self.dilation)
 
     def _plain_kwargs(self) -> dict:
         return {**super()._plain_kwargs(), "output_padding": self.output_padding}

@@ -58,6 +58,7 @@ class RoutingPlan:
     perm: torch.Tensor | None = None
     inv_perm: torch.Tensor | None = None
     _device_perms: dict = field(default_factory=dict, compare=False, repr=False)
+    _device_index: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def for_samples(cls, region_ids: Sequence[int]) -> RoutingPlan:
@@ -104,6 +105,21 @@ class RoutingPlan:
             self._device_perms[device] = cached
         return cached
 
+    def index_on(self, device: torch.device) -> torch.Tensor | None:
+        """The regions as a LongTensor on ``device``: (B,) per sample, (1,) for a broadcast, None for the backbone.
+
+        A compiled forward reads routing only through this tensor (``RoutedLayer.route_index``), so one graph
+        serves every region mix: the ids are data, not constants the graph is specialised on.
+        """
+        if self.backbone_only:
+            return None
+        cached = self._device_index.get(device)
+        if cached is None:
+            ids = torch.tensor(self.region_ids if self.broadcast is None else (self.broadcast,), dtype=torch.long)
+            cached = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids.to(device)
+            self._device_index[device] = cached
+        return cached
+
     def groups_for_batch(self, batch_size: int, layer_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Regions present and their sample counts for a batch of ``batch_size``."""
         if self.broadcast is not None:
@@ -124,10 +140,22 @@ class RoutedLayer:
     Routing finds layers by this class, so it never imports the layer module (which imports this one).
     """
 
-    routing_plan: RoutingPlan | None
     region_names: tuple[str, ...] | None
     lora_A: nn.ParameterList
     lora_B: nn.ParameterList
+    weight: torch.Tensor
+    _routing_plan: RoutingPlan | None = None
+    # the plan's regions on this layer's device (RoutingPlan.index_on): what a compiled forward reads
+    route_index: torch.Tensor | None = None
+
+    @property
+    def routing_plan(self) -> RoutingPlan | None:
+        return self._routing_plan
+
+    @routing_plan.setter
+    def routing_plan(self, plan: RoutingPlan | None) -> None:
+        self._routing_plan = plan
+        self.route_index = None if plan is None else plan.index_on(self.weight.device)
 
     @property
     def num_experts(self) -> int:

@@ -13,7 +13,6 @@ import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from torch import nn
 
-from nnunetv2_lorkd.experts import unwrap_network
 from nnunetv2_lorkd.regions import RegionMap
 
 # the logging key of the per-region pseudo-Dice of every epoch (nnunetv2_lorkd.demo.curves reads it from checkpoints)
@@ -71,7 +70,10 @@ class OutputRestriction:
 
     def __init__(self, net: nn.Module):
         self.excluded: torch.Tensor | None = None
-        self._handle = unwrap_network(net).register_forward_hook(self._hook)
+        # on the module that is called (a torch.compile or DDP wrapper included), so the hook runs eagerly around
+        # the compiled graph; a hook on the wrapped module would be traced into the graph, or, added after the
+        # graph was built, never run at all (dynamo does not guard on hooks)
+        self._handle = net.register_forward_hook(self._hook)
 
     def set_allowed(self, channels: Sequence[int], num_classes: int, device: torch.device) -> None:
         excluded = torch.ones(num_classes, dtype=torch.bool)
