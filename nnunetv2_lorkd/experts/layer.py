@@ -229,8 +229,6 @@ class ExpertLayer(RoutedLayer):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._forward_compiled(x)
         plan = self.routing_plan
         if self.merged_region is not None:
             return self._forward_merged(x, plan)
@@ -238,6 +236,8 @@ class ExpertLayer(RoutedLayer):
             raise self._unrouted_error()
         if plan.backbone_only:
             return self._run_conv(x, self.weight)
+        if torch.compiler.is_compiling():
+            return self._forward_compiled(x)
         regions, sizes = plan.groups_for_batch(x.shape[0], self.lorkd_name)
         activation_side = self._activation_path and kernels.activation_side_is_cheaper(
             x, self.weight.shape, self.geometry, len(regions)
@@ -265,15 +265,9 @@ class ExpertLayer(RoutedLayer):
         ``index_select``; then one grouped convolution runs the batch (groups = samples), or one plain
         convolution for a broadcast region.
         Expert t still gets the gradient of region t's samples alone; the experts of regions absent from the
-        batch get an exact-zero gradient instead of none, as under DDP.
+        batch get an exact-zero gradient instead of none, as under DDP. (Merged, unrouted and backbone-only
+        forwards are handled by ``forward`` before it comes here.)
         """
-        plan = self.routing_plan
-        if self.merged_region is not None:
-            return self._forward_merged(x, plan)
-        if plan is None:
-            raise self._unrouted_error()
-        if plan.backbone_only:
-            return self._run_conv(x, self.weight)
         index = self.route_index
         assert index is not None
         if index.device != self.weight.device:
